@@ -1,0 +1,1120 @@
+#!/usr/bin/env python3
+"""replicate.py: copy the whole content of one Orthanc server to another through their REST APIs.
+
+usage: python replicate.py SOURCE TARGET [options]
+
+SOURCE and TARGET are http(s)://[user:password@]host:port[/prefix]. Both servers keep running.
+The tool lists what each server holds, plans the difference by Orthanc instance ID and copies
+every instance the target lacks; nothing the target already has is sent again and nothing on the
+target is touched. Interrupt it at any time and run the same command again to resume.
+
+Exit statuses:
+  0    everything selected is on the target
+  1    failures remain (instances named on stderr)
+  2    usage error: bad option value, malformed URL, the same server twice, unusable save file
+  3    a server cannot be reached, refuses the credentials, or is not an Orthanc
+  130  interrupted (Ctrl-C); the save file is consistent, run again to resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import io
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import zipfile
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+
+import requests
+
+__version__ = "1.0.0"
+
+# ---- constants and exit codes ---------------------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_USAGE = 2
+EXIT_SERVER = 3
+EXIT_INTERRUPTED = 130
+
+SAVE_MAGIC = "replicate.py save file 1"
+STORED_STATUSES = ("Success", "AlreadyStored")
+# Instances up to this size travel in ZIP archives that the source builds (POST /tools/create-archive):
+# one request for hundreds of them. The source deflates those archives, which costs more CPU than
+# it saves above a few tens of KB, so larger instances are fetched one by one instead.
+ARCHIVE_MAX_INSTANCE = 32 * 1024
+# Instances from this size up are streamed alone, from the source's answer straight into the
+# target's request, so memory does not grow with their size.
+STREAM_MIN_INSTANCE = 2 * 1024 * 1024
+BATCH_MAX_INSTANCES = 200
+BATCH_MAX_BYTES = 4 * 1024 * 1024
+CHUNK_SIZE = 1024 * 1024
+LISTING_PAGE = 2000
+# Below this share of the source (1/20) the details of missing instances are asked one by one;
+# above it one paged listing is cheaper.
+DETAIL_ONE_BY_ONE_RATIO = 20
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 15.0
+
+log = logging.getLogger("replicate")
+T = TypeVar("T")
+
+
+# ---- errors ---------------------------------------------------------------------------------
+class ReplicateError(Exception):
+    """An error that ends the run with a one-line message and the given exit status."""
+
+    exit_code = EXIT_FAILURES
+
+
+class UsageError(ReplicateError):
+    exit_code = EXIT_USAGE
+
+
+class ServerError(ReplicateError):
+    exit_code = EXIT_SERVER
+
+
+class Interrupted(Exception):
+    """Raised inside workers and waits once a stop was asked for."""
+
+
+class HttpStatusError(Exception):
+    """A server answered with an HTTP error status."""
+
+    def __init__(self, role: str, method: str, path: str, status: int, body: str) -> None:
+        self.role, self.method, self.path, self.status = role, method, path, status
+        detail = " ".join(body.split())[:200]
+        super().__init__(f"{role} answered HTTP {status} to {method} {path}"
+                         + (f" ({detail})" if detail else ""))
+
+
+class GaveUp(Exception):
+    """A retryable operation that kept failing; the last cause is chained."""
+
+    def __init__(self, cause: BaseException, attempts: int) -> None:
+        self.cause, self.attempts = cause, attempts
+        super().__init__(f"{describe_error(cause)} after {attempts} attempts")
+
+
+# ---- small data classes ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a server is and how to log in; `url` never holds credentials."""
+
+    role: str
+    url: str
+    username: str
+    password: str
+    password_given: bool = True
+
+    def with_password(self, password: str) -> "Endpoint":
+        return Endpoint(self.role, self.url, self.username, password, True)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 8
+    timeout: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with a little jitter: 0.5, 1, 2, 4, 8, 15, 15 ... seconds."""
+        base = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt - 1))
+        return base * random.uniform(0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Endpoint
+    target: Endpoint
+    save: Path
+    threads: int = 4
+    ignore_errors: bool = False
+    policy: RetryPolicy = RetryPolicy()
+    quiet: bool = False
+    verbose: bool = False
+    prompt: bool = True
+
+
+class Instance:
+    """One instance to copy. Slots keep the plan small: a few hundred bytes an instance."""
+
+    __slots__ = ("id", "study", "size")
+
+    def __init__(self, id: str, study: str, size: int) -> None:
+        self.id, self.study, self.size = id, study, size
+
+    def __repr__(self) -> str:
+        return f"Instance({self.id!r}, {self.study!r}, {self.size})"
+
+
+@dataclass
+class Batch:
+    """Instances of one study that travel together. `mode` is archive, bundle or single."""
+
+    mode: str
+    study: str
+    instances: list[Instance]
+
+    @property
+    def size(self) -> int:
+        return sum(instance.size for instance in self.instances)
+
+
+@dataclass
+class Plan:
+    source_instances: int
+    source_bytes: int
+    source_studies: int
+    studies: dict[str, list[Instance]]  # study ID -> its missing instances, in source order
+    vanished: int = 0
+
+    @property
+    def missing(self) -> int:
+        return sum(len(instances) for instances in self.studies.values())
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(i.size for instances in self.studies.values() for i in instances)
+
+
+@dataclass
+class BatchResult:
+    batch: Batch
+    stored: list[Instance] = field(default_factory=list)
+    already: list[Instance] = field(default_factory=list)
+    failed: list[tuple[Instance, str]] = field(default_factory=list)
+    vanished: list[Instance] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    copied: int = 0
+    copied_bytes: int = 0
+    already: int = 0
+    vanished: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+    stopped_on_failure: bool = False
+    studies_completed: int = 0
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_count(count: int) -> str:
+    return f"{count:,}"
+
+
+def parse_url(text: str, role: str) -> tuple[str, Optional[str], Optional[str]]:
+    """Split an Orthanc URL into (url without credentials, user, password); UsageError if malformed."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise UsageError(f"{role} URL {redact_url(text)!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise UsageError(f"{role} URL {redact_url(text)!r} has no host name")
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"{role} URL {redact_url(text)!r} has an invalid port") from None
+    if parts.query or parts.fragment:
+        raise UsageError(f"{role} URL {redact_url(text)!r} must not have a query or fragment")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return url, user, password
+
+
+def redact_url(text: str) -> str:
+    """The URL with any user:password@ removed, for messages."""
+    parts = urllib.parse.urlsplit(text)
+    if "@" not in parts.netloc:
+        return text
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def server_identity(url: str) -> tuple[str, frozenset, int, str]:
+    """(scheme, addresses, port, path): two URLs with overlapping addresses name the same server."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    try:
+        addresses = frozenset(info[4][0] for info in socket.getaddrinfo(host, port))
+    except OSError:
+        addresses = frozenset([host.lower()])
+    if any(address.startswith("127.") or address == "::1" for address in addresses):
+        addresses = frozenset(["loopback"])
+    return parts.scheme, addresses, port, parts.path.rstrip("/")
+
+
+def same_server(first: str, second: str) -> bool:
+    a, b = server_identity(first), server_identity(second)
+    return a[0] == b[0] and bool(a[1] & b[1]) and a[2] == b[2] and a[3] == b[3]
+
+
+def pick_credentials(role: str, url_text: str, username_flag: Optional[str],
+                     password_flag: Optional[str], shared_username: str,
+                     shared_password: Optional[str], environ: dict) -> Endpoint:
+    """Precedence for passwords: --ROLE-password, REPLICATE_ROLE_PASSWORD, the URL, --password;
+    for user names: --ROLE-username, the URL, --username."""
+    url, url_user, url_password = parse_url(url_text, role)
+    env_password = environ.get(f"REPLICATE_{role.upper()}_PASSWORD")
+    for password in (password_flag, env_password, url_password, shared_password):
+        if password is not None:
+            break
+    given = password is not None
+    username = username_flag or url_user or shared_username
+    return Endpoint(role, url, username, password if given else "orthanc", given)
+
+
+def plan_copy(source_ids: Iterable[str], target_ids: set, details: dict[str, tuple[int, str]],
+              series_study: dict[str, str], source_bytes: int, source_studies: int) -> Plan:
+    """The difference by instance ID, grouped by study in source order.
+
+    `details` maps each missing instance ID to (size, series); a missing ID without details
+    vanished from the source during the scan and is counted, not copied.
+    """
+    studies: dict[str, list[Instance]] = {}
+    count = vanished = 0
+    for instance_id in source_ids:
+        count += 1
+        if instance_id in target_ids:
+            continue
+        detail = details.get(instance_id)
+        study = series_study.get(detail[1]) if detail else None
+        if detail is None or study is None:
+            vanished += 1
+            continue
+        studies.setdefault(study, []).append(Instance(instance_id, study, detail[0]))
+    return Plan(count, source_bytes, source_studies, studies, vanished)
+
+
+def make_batches(instances: list[Instance], zip_upload: bool, archive_download: bool,
+                 max_instances: int = BATCH_MAX_INSTANCES,
+                 max_bytes: int = BATCH_MAX_BYTES) -> list[Batch]:
+    """Cut one study's instances into batches: small ones into source-built archives, middle
+    ones into bundles this tool zips, large ones (and everything when the target takes no
+    ZIP uploads) one by one."""
+    batches: list[Batch] = []
+    open_batches: dict[str, Batch] = {}
+    for instance in instances:
+        if not zip_upload or instance.size >= STREAM_MIN_INSTANCE:
+            batches.append(Batch("single", instance.study, [instance]))
+            continue
+        mode = "archive" if archive_download and instance.size <= ARCHIVE_MAX_INSTANCE else "bundle"
+        batch = open_batches.get(mode)
+        if batch and (len(batch.instances) >= max_instances
+                      or batch.size + instance.size > max_bytes):
+            batch = None
+        if batch is None:
+            batch = open_batches[mode] = Batch(mode, instance.study, [])
+            batches.append(batch)
+        batch.instances.append(instance)
+    for batch in batches:
+        if len(batch.instances) == 1:
+            batch.mode = "single"
+    return batches
+
+
+def version_at_least(version: str, wanted: tuple[int, int, int]) -> bool:
+    """Orthanc versions are like 1.10.1; 'mainline' and unknown forms count as recent."""
+    try:
+        numbers = tuple(int(part) for part in version.split(".")[:3])
+    except ValueError:
+        return True
+    return numbers >= wanted
+
+
+def is_retryable(error: BaseException) -> bool:
+    """The one place that decides: connection trouble, timeouts, 408, 429 and 5xx are retried."""
+    if isinstance(error, HttpStatusError):
+        return error.status in (408, 429) or error.status >= 500
+    return isinstance(error, (requests.ConnectionError, requests.Timeout,
+                              requests.exceptions.ChunkedEncodingError,
+                              requests.exceptions.ContentDecodingError, ConnectionError,
+                              TimeoutError, TruncatedDownload))
+
+
+def describe_error(error: BaseException) -> str:
+    """A short reason without URLs (which could carry credentials) or tracebacks."""
+    if isinstance(error, (HttpStatusError, GaveUp, TruncatedDownload, ReplicateError)):
+        return str(error)
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if isinstance(error, requests.ConnectionError):
+        text = str(error)
+        for known in ("Connection refused", "Connection reset", "Name or service not known",
+                      "Remote end closed connection", "certificate verify failed",
+                      "No route to host", "Temporary failure in name resolution"):
+            if known in text:
+                return known.lower()
+        return "connection failed"
+    return f"{type(error).__name__}: {error}"
+
+
+class TruncatedDownload(Exception):
+    """The source's answer ended before its announced length."""
+
+
+def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
+                      stop: threading.Event) -> T:
+    """Run `action`, retrying retryable errors with backoff; GaveUp chains the last cause."""
+    attempt = 1
+    while True:
+        if stop.is_set():
+            raise Interrupted()
+        try:
+            return action()
+        except Interrupted:
+            raise
+        except Exception as error:
+            if not is_retryable(error):
+                raise
+            if attempt > policy.retries:
+                raise GaveUp(error, attempt) from error
+            delay = policy.delay(attempt)
+            log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what,
+                      describe_error(error), attempt, policy.retries + 1, delay)
+            if stop.wait(delay):
+                raise Interrupted() from None
+            attempt += 1
+
+
+# ---- the Orthanc client ---------------------------------------------------------------------
+class OrthancClient:
+    """One server. Each thread gets its own keep-alive requests session."""
+
+    def __init__(self, endpoint: Endpoint, policy: RetryPolicy, stop: threading.Event) -> None:
+        self.endpoint = endpoint
+        self.role = endpoint.role
+        self.policy = policy
+        self.stop = stop
+        self.system: dict = {}
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.auth = (self.endpoint.username, self.endpoint.password)
+            # Orthanc 1.10 deflates every answer when asked to, which is slower than the network.
+            session.headers["Accept-Encoding"] = "identity"
+            session.headers["User-Agent"] = f"replicate.py/{__version__}"
+            session.trust_env = False
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def send(self, method: str, path: str, stream: bool = False, **kwargs: Any) -> requests.Response:
+        """One request, no retry; raises HttpStatusError on an error status."""
+        timeout = (min(10.0, self.policy.timeout), self.policy.timeout)
+        response = self.session().request(method, self.endpoint.url + path, timeout=timeout,
+                                          stream=stream, allow_redirects=False, **kwargs)
+        if response.status_code >= 300:
+            body = response.text if not stream or response.status_code < 500 else ""
+            response.close()
+            raise HttpStatusError(self.role, method, path.split("?")[0], response.status_code,
+                                  body)
+        return response
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A JSON request with retries."""
+        def action() -> Any:
+            response = self.send(method, path, **kwargs)
+            try:
+                return response.json()
+            except ValueError:
+                raise ServerError(f"{self.role} {self.endpoint.url} answered {method} {path} "
+                                  "with something that is not JSON") from None
+        return call_with_retries(action, f"{self.role} {method} {path.split('?')[0]}",
+                                 self.policy, self.stop)
+
+    def get(self, path: str) -> Any:
+        return self.json("GET", path)
+
+    def check(self) -> dict:
+        """GET /system once, turning every way it can fail into a one-line ServerError."""
+        url = self.endpoint.url
+        try:
+            response = self.session().get(url + "/system", timeout=(10, self.policy.timeout),
+                                          allow_redirects=False)
+        except requests.exceptions.SSLError as error:
+            raise ServerError(f"cannot reach {self.role} {url}: TLS failed "
+                              f"({describe_tls_error(error)}); see --ca-bundle and --insecure"
+                              ) from error
+        except requests.RequestException as error:
+            raise ServerError(f"cannot reach {self.role} {url}: {describe_error(error)}"
+                              ) from error
+        if response.status_code in (401, 403):
+            raise ServerError(f"{self.role} {url} refused the credentials of user "
+                              f"{self.endpoint.username!r} (HTTP {response.status_code}); "
+                              f"check --{self.role}-username/--{self.role}-password")
+        try:
+            system = response.json() if response.status_code == 200 else None
+        except ValueError:
+            system = None
+        if not isinstance(system, dict) or "Version" not in system or "ApiVersion" not in system:
+            raise ServerError(f"{self.role} {url} answers but is not an Orthanc server "
+                              f"(GET /system gave HTTP {response.status_code}); check the URL")
+        self.system = system
+        return system
+
+    @property
+    def version(self) -> str:
+        return str(self.system.get("Version", "?"))
+
+
+def describe_tls_error(error: BaseException) -> str:
+    text = str(error)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return "certificate verify failed"
+    if "WRONG_VERSION_NUMBER" in text:
+        return "the server does not speak TLS on that port"
+    return "handshake failed"
+
+
+# ---- scanning -------------------------------------------------------------------------------
+def parallel_map(function: Callable[[str], T], items: list[str], threads: int) -> Iterator[T]:
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        yield from pool.map(function, items)
+
+
+def fetch_details(source: OrthancClient, wanted: set, total: int, level: str,
+                  threads: int, read: Callable[[dict], T]) -> dict[str, T]:
+    """Details of the `wanted` resources of a level: one paged expanded listing when they are
+    many, one request each when they are few. Paging on SQLite is unstable while the server
+    receives data, so whatever the pages missed is asked for one by one afterwards; a resource
+    gone by then (404) is left out."""
+    found: dict[str, T] = {}
+    if len(wanted) * DETAIL_ONE_BY_ONE_RATIO > total:
+        since = 0
+        while True:
+            page = source.get(f"/{level}?expand&since={since}&limit={LISTING_PAGE}")
+            for record in page:
+                if record["ID"] in wanted:
+                    found[record["ID"]] = read(record)
+            if len(page) < LISTING_PAGE:
+                break
+            since += LISTING_PAGE
+    rest = [resource for resource in wanted if resource not in found]
+
+    def one(resource: str) -> Optional[dict]:
+        try:
+            return source.get(f"/{level}/{resource}")
+        except HttpStatusError as error:
+            if error.status == 404:
+                return None
+            raise
+    for resource, record in zip(rest, parallel_map(one, rest, threads)):
+        if record is not None:
+            found[resource] = read(record)
+    return found
+
+
+def scan(source: OrthancClient, target: OrthancClient, threads: int) -> Plan:
+    """List both servers (one request each) and describe only what the target lacks."""
+    statistics = source.get("/statistics")
+    source_ids = source.get("/instances")
+    target_ids = set(target.get("/instances"))
+    missing = {instance for instance in source_ids if instance not in target_ids}
+    details: dict[str, tuple[int, str]] = {}
+    series_study: dict[str, str] = {}
+    if missing:
+        log.debug("scan: %d instances missing on the target, asking for their details",
+                  len(missing))
+        details = fetch_details(source, missing, len(source_ids), "instances", threads,
+                                lambda record: (int(record["FileSize"]), record["ParentSeries"]))
+        series = {detail[1] for detail in details.values()}
+        series_study = fetch_details(source, series, int(statistics.get("CountSeries", 0)),
+                                     "series", threads, lambda record: record["ParentStudy"])
+    return plan_copy(source_ids, target_ids, details, series_study,
+                     int(statistics.get("TotalUncompressedSize", 0)),
+                     int(statistics.get("CountStudies", 0)))
+
+
+# ---- the journal (save file) ----------------------------------------------------------------
+class Journal:
+    """The save file: plain text, one record a line, appended and flushed as studies complete.
+
+    First line: `replicate.py save file 1<TAB>source=URL<TAB>target=URL` (URLs without
+    credentials). Then `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time` for each study that was
+    complete on the target. A torn last line (a crash while writing) is dropped on open. The
+    journal is a record of progress: the target's own listing decides what is copied.
+    """
+
+    def __init__(self, path: Path, source_url: str, target_url: str) -> None:
+        self.path = path
+        self.header = f"{SAVE_MAGIC}\tsource={source_url}\ttarget={target_url}"
+        self.studies: dict[str, int] = {}
+        self.file: Optional[io.TextIOWrapper] = None
+
+    def open(self) -> "Journal":
+        existing = b""
+        try:
+            existing = self.path.read_bytes()
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise UsageError(f"cannot read save file {self.path}: {error.strerror}; "
+                             "choose another --save") from error
+        keep = self._parse(existing)
+        try:
+            self.file = open(self.path, "a+b" if keep else "wb")  # noqa: SIM115
+            if keep < len(existing):
+                self.file.truncate(keep)
+            self.file = io.TextIOWrapper(self.file, encoding="utf-8", newline="\n")
+            if not keep:
+                self._write(self.header)
+        except OSError as error:
+            raise UsageError(f"cannot write save file {self.path}: {error.strerror}; "
+                             "choose another --save") from error
+        return self
+
+    def _parse(self, data: bytes) -> int:
+        """Check the records and return how many bytes of `data` to keep (a torn tail goes)."""
+        if not data.strip():
+            return 0
+        lines = data.split(b"\n")
+        complete, torn = lines[:-1], lines[-1]
+        try:
+            header = complete[0].decode("utf-8") if complete else ""
+        except UnicodeDecodeError:
+            header = ""
+        if not header.startswith(SAVE_MAGIC):
+            raise UsageError(f"{self.path} is not a replicate.py save file (an older tool's "
+                             "pickle?); move it away or choose another --save")
+        if header != self.header:
+            fields = dict(part.split("=", 1) for part in header.split("\t")[1:] if "=" in part)
+            raise UsageError(f"{self.path} belongs to source {fields.get('source', '?')} and "
+                             f"target {fields.get('target', '?')}; choose another --save for "
+                             "this pair")
+        for number, raw in enumerate(complete[1:], start=2):
+            try:
+                kind, *values = raw.decode("utf-8").split("\t")
+                if kind == "study" and len(values) >= 2:
+                    self.studies[values[0]] = int(values[1])
+                elif kind not in ("study", "seq"):
+                    raise ValueError(kind)
+            except (UnicodeDecodeError, ValueError):
+                raise UsageError(f"{self.path} line {number} is corrupt; fix or remove that "
+                                 "line, or choose another --save") from None
+        if torn:
+            log.debug("save file: dropping a torn last line of %d bytes", len(torn))
+        return len(data) - len(torn)
+
+    def _write(self, line: str) -> None:
+        assert self.file is not None
+        self.file.write(line + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def study_done(self, study: str, instances: int, size: int) -> None:
+        self.studies[study] = instances
+        self._write(f"study\t{study}\t{instances}\t{size}\t"
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%S')}")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ---- the transfer engine --------------------------------------------------------------------
+class StreamBody:
+    """The body of a download as a file-like object with a length, so requests uploads it with
+    a Content-Length, in blocks, without holding it. Stops promptly when asked to."""
+
+    def __init__(self, response: requests.Response, length: int, stop: threading.Event) -> None:
+        self.response, self.length, self.stop = response, length, stop
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        if self.stop.is_set():
+            raise Interrupted()
+        if size is None or size < 0:
+            size = CHUNK_SIZE
+        data = self.response.raw.read(min(size, max(self.length - self.sent, 0)) or 0)
+        self.sent += len(data)
+        if not data and self.sent < self.length:
+            raise TruncatedDownload(f"the source's answer ended after {self.sent} of "
+                                    f"{self.length} bytes")
+        return data
+
+
+class Copier:
+    """Moves batches from source to target. Runs in worker threads and only returns results."""
+
+    def __init__(self, source: OrthancClient, target: OrthancClient, policy: RetryPolicy,
+                 stop: threading.Event) -> None:
+        self.source, self.target, self.policy, self.stop = source, target, policy, stop
+
+    def copy(self, batch: Batch) -> BatchResult:
+        if batch.mode == "single":
+            return self.copy_singles(batch, batch.instances)
+        result = BatchResult(batch)
+        what = f"copy of {len(batch.instances)} instances of study {batch.study}"
+        try:
+            answers = call_with_retries(lambda: self.upload_zip(batch), what, self.policy,
+                                        self.stop)
+        except HttpStatusError as error:
+            # A refused batch is retried instance by instance, so that the culprit is named.
+            log.debug("%s: %s; copying them one by one", what, error)
+            return self.copy_singles(batch, batch.instances)
+        except GaveUp as error:
+            result.failed = [(instance, str(error)) for instance in batch.instances]
+            return result
+        unconfirmed = []
+        for instance in batch.instances:
+            status = answers.get(instance.id)
+            if status == "Success":
+                result.stored.append(instance)
+            elif status == "AlreadyStored":
+                result.already.append(instance)
+            else:
+                unconfirmed.append(instance)
+        if unconfirmed:
+            # Answers for refused files may carry no ID; only one by one tells which and why.
+            single = self.copy_singles(batch, unconfirmed)
+            for name in ("stored", "already", "failed", "vanished"):
+                getattr(result, name).extend(getattr(single, name))
+        return result
+
+    def copy_singles(self, batch: Batch, instances: list[Instance]) -> BatchResult:
+        result = BatchResult(batch)
+        for instance in instances:
+            if self.stop.is_set():
+                raise Interrupted()
+            try:
+                answer = call_with_retries(lambda: self.stream_one(instance),
+                                           f"copy of instance {instance.id}", self.policy,
+                                           self.stop)
+            except HttpStatusError as error:
+                if error.role == "source" and error.status == 404:
+                    result.vanished.append(instance)
+                else:
+                    result.failed.append((instance, str(error)))
+                continue
+            except GaveUp as error:
+                result.failed.append((instance, str(error)))
+                continue
+            status = answer.get("Status") if isinstance(answer, dict) else None
+            if status in STORED_STATUSES and answer.get("ID") not in (None, instance.id):
+                result.failed.append((instance, f"the target stored it as {answer.get('ID')} "
+                                                "(does it transcode what it receives?)"))
+            elif status == "Success":
+                result.stored.append(instance)
+            elif status == "AlreadyStored":
+                result.already.append(instance)
+            else:
+                result.failed.append((instance, f"the target answered Status {status}"))
+        return result
+
+    def stream_one(self, instance: Instance) -> Any:
+        """GET the file and POST it as it arrives; memory stays at a few blocks."""
+        download = self.source.send("GET", f"/instances/{instance.id}/file", stream=True)
+        try:
+            encoding = download.headers.get("Content-Encoding", "identity").lower()
+            length = download.headers.get("Content-Length")
+            if encoding == "identity" and length is not None:
+                body: Any = StreamBody(download, int(length), self.stop)
+            else:
+                body = download.iter_content(CHUNK_SIZE)  # decoded; sent chunked
+            upload = self.target.send("POST", "/instances", data=body,
+                                      headers={"Content-Type": "application/dicom"})
+            return upload.json()
+        finally:
+            download.close()
+
+    def upload_zip(self, batch: Batch) -> dict[str, str]:
+        """Send a batch as one ZIP; return instance ID -> Status from the target's answer."""
+        ids = [instance.id for instance in batch.instances]
+        if batch.mode == "archive":
+            archive = self.source.send("POST", "/tools/create-archive",
+                                       json={"Resources": ids}).content
+        else:
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as bundle:
+                for instance_id in ids:
+                    if self.stop.is_set():
+                        raise Interrupted()
+                    data = self.source.send("GET", f"/instances/{instance_id}/file").content
+                    bundle.writestr(f"{instance_id}.dcm", data)
+            archive = buffer.getvalue()
+        answer = self.target.send("POST", "/instances", data=archive,
+                                  headers={"Content-Type": "application/zip"}).json()
+        records = answer if isinstance(answer, list) else [answer]
+        return {record["ID"]: record.get("Status", "") for record in records
+                if isinstance(record, dict) and "ID" in record}
+
+
+# ---- progress and the final report ----------------------------------------------------------
+class Progress:
+    """An alive-progress bar on stderr when it is a terminal and not quiet, else nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._context: Any = None
+        self._bar: Any = None
+
+    def start(self, total: int, title: str, unit: str = "", scale: Any = False) -> None:
+        if not self.enabled:
+            return
+        from alive_progress import alive_bar
+        self._context = alive_bar(total, title=title, unit=unit, scale=scale, file=sys.stderr,
+                                  enrich_print=False, receipt_text=True, dual_line=False)
+        self._bar = self._context.__enter__()
+
+    def advance(self, amount: int, text: str = "") -> None:
+        if self._bar is not None:
+            self._bar(amount)
+            if text:
+                self._bar.text(text)
+
+    def finish(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = self._bar = None
+
+
+def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
+                 progress: Progress, stop: threading.Event) -> Outcome:
+    """Feed batches to the workers and collect their results in this (the main) thread, which
+    alone updates the counters, the progress bar and the journal."""
+    outcome = Outcome(vanished=plan.vanished)
+    zip_upload = version_at_least(copier.target.version, (1, 8, 2))
+    archive_download = version_at_least(copier.source.version, (1, 8, 2))
+    batches: list[Batch] = []
+    study_left: dict[str, int] = {}
+    study_ok: dict[str, bool] = {}
+    study_size: dict[str, int] = {}
+    for study, instances in plan.studies.items():
+        cut = make_batches(instances, zip_upload, archive_download)
+        batches.extend(cut)
+        study_left[study], study_ok[study] = len(cut), True
+        study_size[study] = sum(instance.size for instance in instances)
+    total = plan.missing
+    pending = iter(batches)
+    in_flight: dict[Future, Batch] = {}
+    progress.start(plan.missing_bytes, "copying", unit="B", scale="SI")
+    pool = ThreadPoolExecutor(config.threads, thread_name_prefix="copy")
+    try:
+        def fill() -> None:
+            while len(in_flight) < config.threads * 2 and not stop.is_set():
+                batch = next(pending, None)
+                if batch is None:
+                    return
+                in_flight[pool.submit(copier.copy, batch)] = batch
+
+        fill()
+        while in_flight:
+            done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                batch = in_flight.pop(future)
+                try:
+                    result = future.result()
+                except Interrupted:
+                    continue
+                except Exception as error:  # a bug or an unexpected answer: name the batch
+                    log.debug("worker error", exc_info=True)
+                    result = BatchResult(batch, failed=[(instance, describe_error(error))
+                                                        for instance in batch.instances])
+                landed = sum(i.size for i in result.stored + result.already)
+                outcome.copied += len(result.stored)
+                outcome.copied_bytes += sum(i.size for i in result.stored)
+                outcome.already += len(result.already)
+                outcome.vanished += len(result.vanished)
+                for instance, reason in result.failed:
+                    outcome.failed.append((instance.id, reason))
+                    log.error("copy failed: instance %s (study %s): %s", instance.id,
+                              instance.study, reason)
+                study_left[batch.study] -= 1
+                study_ok[batch.study] &= not result.failed
+                if study_left[batch.study] == 0 and study_ok[batch.study]:
+                    journal.study_done(batch.study, len(plan.studies[batch.study]),
+                                       study_size[batch.study])
+                    outcome.studies_completed += 1
+                finished = outcome.copied + outcome.already + len(outcome.failed)
+                progress.advance(landed, f"{format_count(finished)}/{format_count(total)} "
+                                         "instances")
+            if outcome.failed and not config.ignore_errors:
+                outcome.stopped_on_failure = True
+                stop.set()
+            if not stop.is_set():
+                fill()
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        stop.set()
+        log.warning("interrupted: finishing the instances in flight (Ctrl-C again to quit now)")
+        wait(list(in_flight), timeout=10)
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        progress.finish()
+    return outcome
+
+
+# ---- argument parsing -----------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def _setup_argparser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="replicate.py",
+        description="Copy every instance of one Orthanc server to another through their REST "
+                    "APIs, resumably. Run it again to resume or to pick up what arrived since.",
+        epilog="Passwords: --SIDE-password, then REPLICATE_SOURCE_PASSWORD / "
+               "REPLICATE_TARGET_PASSWORD, then the URL, then --password. "
+               "Exit statuses: 0 everything is on the target; 1 failures remain; 2 usage error "
+               "(bad option, malformed URL, same server twice, unusable save file); 3 a server "
+               "cannot be reached, refuses the credentials or is not an Orthanc; 130 interrupted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="source Orthanc, http(s)://[user:password@]host:port[/prefix]")
+    parser.add_argument("target", help="target Orthanc, same form")
+    run = parser.add_argument_group("run")
+    run.add_argument("--save", default="studies.list", metavar="FILE",
+                     help="save file that records progress (default: studies.list)")
+    run.add_argument("--threads", type=positive_int, default=4, metavar="N",
+                     help="parallel transfers (default: 4)")
+    run.add_argument("--ignore-errors", action="store_true",
+                     help="go on after a failed instance and list failures at the end "
+                          "(default: stop at the first)")
+    run.add_argument("--retries", type=non_negative_int, default=8, metavar="N",
+                     help="retries of a request after a connection error, timeout, 429 or 5xx, "
+                          "with backoff up to 15 s (default: 8, about a minute)")
+    run.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                     help="seconds to wait for a server's answer (default: 60)")
+    auth = parser.add_argument_group("credentials")
+    auth.add_argument("--username", default="orthanc",
+                      help="user name for both servers (default: orthanc)")
+    auth.add_argument("--password", default=None,
+                      help="password for both servers (default: orthanc); prefer the "
+                           "environment variables below")
+    for role in ("source", "target"):
+        auth.add_argument(f"--{role}-username", default=None, metavar="NAME",
+                          help=f"user name for the {role} (default: --username)")
+        auth.add_argument(f"--{role}-password", default=None, metavar="PASSWORD",
+                          help=f"password for the {role} (default: REPLICATE_{role.upper()}"
+                               "_PASSWORD, the URL, --password)")
+    auth.add_argument("--no-prompt", action="store_true",
+                      help="never ask for a password on the terminal (default: ask when a "
+                           "server refuses and no password was given)")
+    output = parser.add_argument_group("output")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or messages on stderr but errors; stdout keeps "
+                             "the final summary (default: off)")
+    output.add_argument("-v", "--verbose", action="store_true",
+                        help="retries, decisions and tracebacks on stderr (default: off)")
+    output.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
+    args = _setup_argparser().parse_args(argv)
+    source = pick_credentials("source", args.source, args.source_username, args.source_password,
+                              args.username, args.password, environ)
+    target = pick_credentials("target", args.target, args.target_username, args.target_password,
+                              args.username, args.password, environ)
+    if same_server(source.url, target.url):
+        raise UsageError(f"source and target are the same server ({source.url}); "
+                         "name two different servers")
+    return Config(source=source, target=target, save=Path(args.save), threads=args.threads,
+                  ignore_errors=args.ignore_errors,
+                  policy=RetryPolicy(retries=args.retries, timeout=args.timeout),
+                  quiet=args.quiet, verbose=args.verbose, prompt=not args.no_prompt)
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
+
+
+# ---- main -----------------------------------------------------------------------------------
+def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> OrthancClient:
+    """A checked client; asks for the password on a terminal if the server refuses the default."""
+    client = OrthancClient(endpoint, config.policy, stop)
+    try:
+        client.check()
+    except ServerError as error:
+        if not ("refused the credentials" in str(error) and config.prompt
+                and not endpoint.password_given and sys.stdin.isatty()):
+            raise
+        client.close()
+        password = getpass.getpass(f"password for {endpoint.username} on {endpoint.url}: ")
+        client = OrthancClient(endpoint.with_password(password), config.policy, stop)
+        client.check()
+    return client
+
+
+def summary_lines(plan: Plan, outcome: Outcome, elapsed: float) -> list[str]:
+    rate = outcome.copied_bytes / elapsed if elapsed > 0 else 0
+    lines = [
+        f"Copied:        {format_count(outcome.copied)} instances, "
+        f"{format_bytes(outcome.copied_bytes)} ({format_bytes(rate)}/s)",
+        f"Already there: {format_count(plan.source_instances - plan.missing - plan.vanished + outcome.already)} instances",
+        f"Failed:        {format_count(len(outcome.failed))} instances",
+    ]
+    if outcome.vanished:
+        lines.append(f"Vanished:      {format_count(outcome.vanished)} instances deleted from "
+                     "the source during the run")
+    lines.append(f"Elapsed:       {elapsed:.1f} s")
+    return lines
+
+
+def replicate(config: Config, stop: threading.Event) -> int:
+    started = time.monotonic()
+    say = (lambda text: None) if config.quiet else (lambda text: print(text, flush=True))
+    source = connect(config.source, config, stop)
+    target = connect(config.target, config, stop)
+    journal = Journal(config.save, config.source.url, config.target.url).open()
+    try:
+        say(f"Source:        {config.source.url} (Orthanc {source.version})")
+        say(f"Target:        {config.target.url} (Orthanc {target.version})")
+        if journal.studies:
+            say(f"Save file:     {config.save}: {format_count(len(journal.studies))} studies "
+                "completed by earlier runs")
+        log.info("scanning both servers ...")
+        plan = scan(source, target, config.threads)
+        present = plan.source_instances - plan.missing - plan.vanished
+        say(f"Studies found on the source: {format_count(plan.source_studies)}")
+        say(f"Source holds:  {format_count(plan.source_instances)} instances, "
+            f"{format_bytes(plan.source_bytes)}")
+        say(f"On the target: {format_count(present)} of them already, "
+            f"{format_bytes(max(plan.source_bytes - plan.missing_bytes, 0))}")
+        say(f"To transfer:   {format_count(plan.missing)} instances in "
+            f"{format_count(len(plan.studies))} studies, {format_bytes(plan.missing_bytes)}")
+        progress = Progress(not config.quiet and sys.stderr.isatty())
+        copier = Copier(source, target, config.policy, stop)
+        outcome = run_transfer(config, plan, copier, journal, progress, stop)
+    finally:
+        journal.close()
+        source.close()
+        target.close()
+    for line in summary_lines(plan, outcome, time.monotonic() - started):
+        print(line, flush=True)
+    if outcome.interrupted:
+        log.error("interrupted: %d instances copied; run the same command again to resume",
+                  outcome.copied)
+        return EXIT_INTERRUPTED
+    if outcome.failed:
+        if outcome.stopped_on_failure and not config.ignore_errors:
+            instance_id, reason = outcome.failed[0]
+            log.error("stopped at the first failure: instance %s: %s (--ignore-errors goes on)",
+                      instance_id, reason)
+        elif len(outcome.failed) > 1:
+            log.error("%d instances failed:", len(outcome.failed))
+            for instance_id, reason in outcome.failed:
+                log.error("  instance %s: %s", instance_id, reason)
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or \
+        "--verbose" in (argv if argv is not None else sys.argv[1:])
+    setup_logging(False, verbose)
+    stop = threading.Event()
+    try:
+        config = parse_config(argv, dict(os.environ))
+        setup_logging(config.quiet, config.verbose)
+        return replicate(config, stop)
+    except ReplicateError as error:
+        log.debug("traceback:", exc_info=True)
+        log.error("replicate.py: %s", error)
+        return error.exit_code
+    except KeyboardInterrupt:
+        stop.set()
+        log.error("interrupted; run the same command again to resume")
+        return EXIT_INTERRUPTED
+    except Interrupted:
+        log.error("interrupted; run the same command again to resume")
+        return EXIT_INTERRUPTED
+    except (GaveUp, HttpStatusError, requests.RequestException) as error:
+        log.debug("traceback:", exc_info=True)
+        log.error("replicate.py: %s", describe_error(error))
+        return EXIT_SERVER
+    finally:
+        stop.set()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Workers still blocked in a request must not hold the exit after an interruption; the
+    # save file is already flushed line by line.
+    os._exit(code) if code == EXIT_INTERRUPTED else sys.exit(code)

@@ -1,0 +1,74 @@
+"""Generate synthetic DICOM files with pydicom for the tests and the benchmark.
+
+Every file is a CT image in Explicit VR Little Endian with random pixels, so that no two
+instances share bytes and a copy can be checked by MD5.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+
+def make_instance(patient_id: str, study_uid: str, series_uid: str, number: int,
+                  rows: int = 8, columns: int = 8, frames: int = 1,
+                  study_date: str = "20200101", modality: str = "CT") -> FileDataset:
+    """One CT instance; `frames` > 1 makes a multi-frame instance of rows x columns x frames x 2 bytes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    dataset = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.SOPClassUID = CTImageStorage
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.PatientID = patient_id
+    dataset.PatientName = f"Test^{patient_id}"
+    dataset.StudyInstanceUID = study_uid
+    dataset.SeriesInstanceUID = series_uid
+    dataset.StudyDate = study_date
+    dataset.Modality = modality
+    dataset.StudyDescription = f"study {study_uid[-6:]}"
+    dataset.SeriesNumber = 1
+    dataset.InstanceNumber = number
+    dataset.Rows = rows
+    dataset.Columns = columns
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated = 16
+    dataset.BitsStored = 16
+    dataset.HighBit = 15
+    dataset.PixelRepresentation = 0
+    if frames > 1:
+        dataset.NumberOfFrames = frames
+    dataset.PixelData = os.urandom(rows * columns * frames * 2)
+    return dataset
+
+
+def write_corpus(folder: Path, studies: int, series: int, instances: int,
+                 rows: int = 8, columns: int = 8, frames: int = 1,
+                 prefix: str = "P", study_date: str = "20200101") -> list[Path]:
+    """Write studies x series x instances files under `folder` and return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for study in range(studies):
+        patient_id = f"{prefix}{study:05d}"
+        study_uid = generate_uid()
+        for serie in range(series):
+            series_uid = generate_uid()
+            for number in range(instances):
+                dataset = make_instance(patient_id, study_uid, series_uid, number + 1,
+                                        rows, columns, frames, study_date)
+                path = folder / f"{prefix}-{study}-{serie}-{number}.dcm"
+                dataset.save_as(path, enforce_file_format=True)
+                paths.append(path)
+    return paths
+
+
+def iter_files(folder: Path) -> Iterator[Path]:
+    return iter(sorted(folder.glob("*.dcm")))

@@ -1,0 +1,182 @@
+"""Real Orthanc servers (Debian's `orthanc` package) for the tests and the benchmark.
+
+Each server runs in its own temporary folder on free ports. PostgreSQL clusters for an index
+on PostgreSQL are started the same way, as the `postgres` user, since PostgreSQL refuses root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import requests
+
+ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+POSTGRESQL_BIN = Path("/usr/lib/postgresql/15/bin")
+POSTGRESQL_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so"
+USER, PASSWORD = "user", "password"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class OrthancServer:
+    """One Orthanc process with its own storage; can be stopped, killed and started again."""
+
+    def __init__(self, folder: Path, name: str = "ORTHANC", users: Optional[dict] = None,
+                 **config: Any) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.users = {USER: PASSWORD} if users is None else users
+        self.port = free_port()
+        self.config = {
+            "Name": name,
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "HttpPort": self.port,
+            "DicomPort": free_port(),
+            "DicomAet": name[:16],
+            "RemoteAccessAllowed": True,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": self.users,
+            "Plugins": [],
+            "HttpCompressionEnabled": True,
+            "StableAge": 1,
+            "JobsHistorySize": 1000,
+        }
+        self.config.update(config)
+        self.process: Optional[subprocess.Popen] = None
+        self.session = requests.Session()
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            self.session.auth = (user, password)
+        self.session.headers["Accept-Encoding"] = "identity"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url_with(self, user: str = USER, password: str = PASSWORD) -> str:
+        return f"http://{user}:{password}@127.0.0.1:{self.port}"
+
+    def start(self) -> "OrthancServer":
+        config_path = self.folder / "orthanc.json"
+        config_path.write_text(json.dumps(self.config, indent=2))
+        log = open(self.folder / "orthanc.log", "ab")
+        self.process = subprocess.Popen([ORTHANC_BINARY, str(config_path)], stdout=log,
+                                        stderr=subprocess.STDOUT, cwd=self.folder)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited at start: {self.log_tail()}")
+            try:
+                if self.session.get(self.url + "/system", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"Orthanc did not answer in 30 s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        path = self.folder / "orthanc.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    # ---- helpers the tests use to look at a server -------------------------------------------
+    def get(self, path: str, **kwargs: Any) -> Any:
+        response = self.session.get(self.url + path, timeout=60, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def upload(self, paths: Iterable[Path]) -> list[str]:
+        ids = []
+        for path in paths:
+            response = self.session.post(self.url + "/instances", data=Path(path).read_bytes(),
+                                         timeout=60)
+            response.raise_for_status()
+            ids.append(response.json()["ID"])
+        return ids
+
+    def instances(self) -> set[str]:
+        return set(self.get("/instances"))
+
+    def md5s(self) -> dict[str, str]:
+        """Instance ID -> MD5 of the stored DICOM file, for every instance."""
+        result = {}
+        for instance in self.get("/instances"):
+            response = self.session.get(f"{self.url}/instances/{instance}/attachments/dicom/md5",
+                                        timeout=60)
+            response.raise_for_status()
+            result[instance] = response.text.strip()
+        return result
+
+    def delete_all(self) -> None:
+        for patient in self.get("/patients"):
+            self.session.delete(f"{self.url}/patients/{patient}", timeout=60).raise_for_status()
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster owned by the `postgres` user, listening on loopback."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+
+    def _as_postgres(self, *command: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+
+    def start(self) -> "PostgresCluster":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.folder, "postgres", "postgres")
+        os.chmod(self.folder, 0o700)
+        self._as_postgres(str(POSTGRESQL_BIN / "initdb"), "-D", str(self.folder), "-A", "trust",
+                          "-U", "postgres")
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._as_postgres(str(POSTGRESQL_BIN / "pg_ctl"), "-D", str(self.folder), "-o", options,
+                          "-l", str(self.folder / "log"), "-w", "start")
+        return self
+
+    def create_database(self, name: str) -> None:
+        self._as_postgres(str(POSTGRESQL_BIN / "createdb"), "-h", "127.0.0.1", "-p",
+                          str(self.port), "-U", "postgres", name)
+
+    def orthanc_config(self, database: str) -> dict:
+        return {
+            "Plugins": [POSTGRESQL_PLUGIN],
+            "PostgreSQL": {"EnableIndex": True, "EnableStorage": False, "Host": "127.0.0.1",
+                           "Port": self.port, "Database": database, "Username": "postgres",
+                           "Password": "", "Lock": False},
+        }
+
+    def stop(self) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(POSTGRESQL_BIN / "pg_ctl"), "-D",
+                        str(self.folder), "-m", "immediate", "stop"], cwd="/",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
