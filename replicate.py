@@ -178,6 +178,8 @@ class Plan:
     source_studies: int
     studies: dict[str, list[Instance]]  # study ID -> its missing instances, in source order
     vanished: int = 0
+    # Studies listed before the instances: each one not in `studies` was complete on the target.
+    listed_studies: list[str] = field(default_factory=list)
 
     @property
     def missing(self) -> int:
@@ -543,6 +545,7 @@ def fetch_details(source: OrthancClient, wanted: set, total: int, level: str,
 def scan(source: OrthancClient, target: OrthancClient, threads: int) -> Plan:
     """List both servers (one request each) and describe only what the target lacks."""
     statistics = source.get("/statistics")
+    listed_studies = source.get("/studies")  # before the instances: see Plan.listed_studies
     source_ids = source.get("/instances")
     target_ids = set(target.get("/instances"))
     missing = {instance for instance in source_ids if instance not in target_ids}
@@ -556,9 +559,10 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int) -> Plan:
         series = {detail[1] for detail in details.values()}
         series_study = fetch_details(source, series, int(statistics.get("CountSeries", 0)),
                                      "series", threads, lambda record: record["ParentStudy"])
-    return plan_copy(source_ids, target_ids, details, series_study,
-                     int(statistics.get("TotalUncompressedSize", 0)),
-                     int(statistics.get("CountStudies", 0)))
+    plan = plan_copy(source_ids, target_ids, details, series_study,
+                     int(statistics.get("TotalUncompressedSize", 0)), len(listed_studies))
+    plan.listed_studies = listed_studies
+    return plan
 
 
 # ---- the journal (save file) ----------------------------------------------------------------
@@ -566,8 +570,8 @@ class Journal:
     """The save file: plain text, one record a line, appended and flushed as studies complete.
 
     First line: `replicate.py save file 1<TAB>source=URL<TAB>target=URL` (URLs without
-    credentials). Then `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time` for each study that was
-    complete on the target. A torn last line (a crash while writing) is dropped on open. The
+    credentials). Then `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time` for each study found
+    complete on the target, with what this run sent of it. A torn last line (a crash while writing) is dropped on open. The
     journal is a record of progress: the target's own listing decides what is copied.
     """
 
@@ -702,6 +706,8 @@ class Copier:
                 result.stored.append(instance)
             elif status == "AlreadyStored":
                 result.already.append(instance)
+            elif status:
+                result.failed.append((instance, f"the target answered Status {status}"))
             else:
                 unconfirmed.append(instance)
         if unconfirmed:
@@ -923,16 +929,28 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+EPILOG = """\
+passwords, first found wins:
+  --source-password / --target-password, then the environment variables
+  REPLICATE_SOURCE_PASSWORD / REPLICATE_TARGET_PASSWORD, then the URL, then
+  --password, then a prompt on the terminal if the server refuses "orthanc".
+
+exit statuses:
+  0    everything selected is on the target
+  1    failures remain (instances named on stderr)
+  2    usage error: bad option value, malformed URL, the same server twice,
+       unusable save file
+  3    a server cannot be reached, refuses the credentials, or is not an Orthanc
+  130  interrupted; the save file is consistent, run again to resume
+"""
+
+
 def _setup_argparser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="replicate.py",
         description="Copy every instance of one Orthanc server to another through their REST "
                     "APIs, resumably. Run it again to resume or to pick up what arrived since.",
-        epilog="Passwords: --SIDE-password, then REPLICATE_SOURCE_PASSWORD / "
-               "REPLICATE_TARGET_PASSWORD, then the URL, then --password. "
-               "Exit statuses: 0 everything is on the target; 1 failures remain; 2 usage error "
-               "(bad option, malformed URL, same server twice, unusable save file); 3 a server "
-               "cannot be reached, refuses the credentials or is not an Orthanc; 130 interrupted.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="source Orthanc, http(s)://[user:password@]host:port[/prefix]")
@@ -1055,6 +1073,10 @@ def replicate(config: Config, stop: threading.Event) -> int:
         progress = Progress(not config.quiet and sys.stderr.isatty())
         copier = Copier(source, target, config.policy, stop)
         outcome = run_transfer(config, plan, copier, journal, progress, stop)
+        if not (outcome.interrupted or outcome.failed):
+            for study in plan.listed_studies:
+                if study not in journal.studies and study not in plan.studies:
+                    journal.study_done(study, 0, 0)
     finally:
         journal.close()
         source.close()

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import numpy
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 

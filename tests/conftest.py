@@ -1,0 +1,101 @@
+"""Fixtures: real Orthanc servers on free ports in temp folders, and generated DICOM corpora."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dicomgen import write_corpus  # noqa: E402
+from orthanc import ORTHANC_BINARY, OrthancServer, PostgresCluster  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if not os.path.exists(ORTHANC_BINARY):
+        raise pytest.UsageError("Orthanc is not installed (apt-get install orthanc); "
+                                "bash .ci/run installs everything the tests need")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """29 instances in 5 studies that exercise every transfer path: 24 small ones (archives
+    built by the source), 4 of 33 KB (ZIPs built by the tool) and one of 2.6 MB (streamed)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    return (write_corpus(folder / "small", 3, 2, 4, prefix="S")
+            + write_corpus(folder / "medium", 1, 1, 4, rows=128, columns=128, prefix="M")
+            + write_corpus(folder / "large", 1, 1, 1, rows=512, columns=512, frames=5,
+                           prefix="L"))
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
+    """Start Orthanc servers on demand; all are stopped at the end of the test."""
+    servers: list[OrthancServer] = []
+
+    def make(name: str = "ORTHANC", **config: object) -> OrthancServer:
+        server = OrthancServer(tmp_path / f"{name}-{len(servers)}", name, **config)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.kill() if server.process and server.process.poll() is None else None
+
+
+@pytest.fixture
+def source(make_server: Callable[..., OrthancServer], corpus: list[Path]) -> OrthancServer:
+    server = make_server("SOURCE")
+    server.upload(corpus)
+    return server
+
+
+@pytest.fixture
+def target(make_server: Callable[..., OrthancServer]) -> OrthancServer:
+    return make_server("TARGET")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster; its folder lies outside pytest's root-only temp tree
+    because PostgreSQL runs as the postgres user."""
+    if not (shutil.which("runuser") and Path("/usr/lib/postgresql/15/bin/initdb").exists()):
+        raise pytest.UsageError("PostgreSQL 15 is not installed; bash .ci/run installs it")
+    folder = Path(tempfile.mkdtemp(prefix="replicate-pg-"))
+    os.chmod(folder, 0o755)
+    cluster = PostgresCluster(folder / "cluster").start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class _NotOrthanc(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        body = b"<html><body>a web server that is not Orthanc</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def not_orthanc() -> Iterator[str]:
+    """A plain web server that answers 200 with HTML to everything."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotOrthanc)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

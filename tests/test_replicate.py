@@ -1,0 +1,345 @@
+"""replicate.py against real Orthanc servers: in-process main() and a few subprocess runs."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import replicate
+from dicomgen import make_instance, write_corpus
+from orthanc import PASSWORD, USER, OrthancServer, PostgresCluster, free_port
+
+SCRIPT = str(Path(replicate.__file__).resolve())
+CORPUS_SIZE = 29
+
+COUNT_POSTS_LUA = """
+function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  if method == "POST" and uri == "/instances" then print("POST-INSTANCES") end
+  return true
+end
+"""
+
+
+def lua(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / f"{name}.lua"
+    path.write_text(text)
+    return str(path)
+
+
+def slow_lua(tmp_path: Path, seconds: float) -> str:
+    """A target that takes `seconds` to accept each instance, so a run can be caught mid-way."""
+    return lua(tmp_path, "slow", f"""
+function ReceivedInstanceFilter(dicom, origin, info)
+  os.execute("sleep {seconds}")
+  return true
+end
+""")
+
+
+def args(source: OrthancServer, target: OrthancServer, save: Path, *extra: str) -> list[str]:
+    return [source.url, target.url, "--username", USER, "--password", PASSWORD,
+            "--save", str(save), *extra]
+
+
+def run(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[int, str, str]:
+    code = replicate.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_process(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def summary_value(out: str, label: str) -> int:
+    for line in out.splitlines():
+        if line.startswith(label):
+            return int(line[len(label):].split()[0].replace(",", ""))
+    raise AssertionError(f"no {label!r} line in:\n{out}")
+
+
+def posts_seen(server: OrthancServer) -> int:
+    return (server.folder / "orthanc.log").read_text().count("POST-INSTANCES")
+
+
+def journal_studies(path: Path) -> list[str]:
+    return [line.split("\t")[1] for line in path.read_text().splitlines()[1:]]
+
+
+def instances_of_patient(server: OrthancServer, patient_id: str) -> set[str]:
+    answer = server.session.post(server.url + "/tools/find", timeout=60, json={
+        "Level": "Instance", "Query": {"PatientID": patient_id}})
+    answer.raise_for_status()
+    return set(answer.json())
+
+
+def settled_count(server: OrthancServer, quiet: float = 1.5) -> int:
+    """The instance count once it stopped changing for `quiet` seconds."""
+    count, since = len(server.instances()), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.1)
+        now = len(server.instances())
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+# ---- copying --------------------------------------------------------------------------------
+def test_exact_copy_then_rerun_sends_nothing(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "count", COUNT_POSTS_LUA)])
+    save = tmp_path / "save"
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0, err
+    assert target.md5s() == source.md5s()
+    assert len(source.md5s()) == CORPUS_SIZE
+    assert summary_value(out, "Studies found on the source:") == 5
+    assert summary_value(out, "To transfer:") == CORPUS_SIZE
+    assert summary_value(out, "Copied:") == CORPUS_SIZE
+    assert summary_value(out, "Failed:") == 0
+    assert sorted(journal_studies(save)) == sorted(source.get("/studies"))
+    first_posts = posts_seen(target)
+    # archives, bundles and one streamed instance: fewer POSTs than instances, but some of each
+    assert 3 <= first_posts < CORPUS_SIZE
+
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0, err
+    assert summary_value(out, "To transfer:") == 0
+    assert summary_value(out, "Already there:") == CORPUS_SIZE
+    assert posts_seen(target) == first_posts  # the re-run sent nothing
+
+
+def test_source_with_one_study(make_server, corpus, target, tmp_path, capsys) -> None:
+    source = make_server("SOURCE")
+    source.upload([path for path in corpus if path.name.startswith("S-0-")])
+    code, out, err = run(capsys, args(source, target, tmp_path / "save"))
+    assert code == 0, err
+    assert summary_value(out, "Studies found on the source:") == 1
+    assert target.md5s() == source.md5s() and len(target.instances()) == 8
+
+
+def test_empty_source(make_server, target, tmp_path, capsys) -> None:
+    source = make_server("SOURCE")
+    code, out, err = run(capsys, args(source, target, tmp_path / "save"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == 0 and target.instances() == set()
+
+
+def test_target_studies_the_source_lacks_are_left_alone(source, target, tmp_path,
+                                                        capsys) -> None:
+    extra = target.upload(write_corpus(tmp_path / "extra", 2, 1, 3, prefix="E"))
+    code, out, err = run(capsys, args(source, target, tmp_path / "save"))
+    assert code == 0, err
+    assert target.instances() == source.instances() | set(extra)
+    assert summary_value(out, "Copied:") == CORPUS_SIZE
+
+
+def test_instances_added_later_to_a_copied_study(source, target, tmp_path, capsys) -> None:
+    save = tmp_path / "save"
+    assert run(capsys, args(source, target, save))[0] == 0
+    study = source.get(f"/studies/{sorted(source.get('/studies'))[0]}")
+    late = make_instance(study["PatientMainDicomTags"]["PatientID"],
+                         study["MainDicomTags"]["StudyInstanceUID"], "1.2.3.4.5.6.7", 1)
+    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    late_id = source.upload([tmp_path / "late.dcm"])[0]
+    assert study["ID"] in journal_studies(save)  # the earlier run completed that study
+
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == 1
+    assert late_id in target.instances() and target.md5s() == source.md5s()
+
+
+def test_postgresql_target_with_8_threads(make_server, postgres: PostgresCluster, tmp_path,
+                                          capsys) -> None:
+    source = make_server("SOURCE")
+    source.upload(write_corpus(tmp_path / "many", 12, 2, 10, prefix="G"))
+    postgres.create_database("target8")
+    target = make_server("PGTARGET", **postgres.orthanc_config("target8"))
+    assert target.get("/system")["DatabaseBackendPlugin"]
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--threads", "8"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == 240
+    assert target.md5s() == source.md5s()
+
+
+# ---- credentials ----------------------------------------------------------------------------
+def test_per_server_credentials_and_environment(make_server, corpus, tmp_path, capsys,
+                                                monkeypatch) -> None:
+    source = make_server("SOURCE", users={"alice": "source-secret"})
+    source.upload(corpus[:5])
+    target = make_server("TARGET", users={"bob": "target-secret"})
+    monkeypatch.setenv("REPLICATE_SOURCE_PASSWORD", "source-secret")
+    save = tmp_path / "save"
+    argv = [source.url, f"http://bob:wrong@127.0.0.1:{target.port}", "--source-username",
+            "alice", "--target-password", "target-secret", "--save", str(save)]
+    code, out, err = run(capsys, argv)
+    assert code == 0, err
+    assert target.instances() == source.instances()
+    for secret in ("source-secret", "target-secret"):
+        assert secret not in out + err + save.read_text()
+
+    # the flag wins over the environment: a wrong flag is refused, and the side is named
+    code, out, err = run(capsys, argv + ["--source-password", "nope"])
+    assert code == 3
+    assert "source" in err and "HTTP 401" in err and "alice" in err and "nope" not in err
+
+
+def test_password_from_the_url(make_server, corpus, tmp_path, capsys) -> None:
+    source = make_server("SOURCE")
+    source.upload(corpus[:3])
+    target = make_server("TARGET", users={"bob": "p@ss:word"})
+    code, out, err = run(capsys, [source.url_with(), "http://bob:p%40ss%3Aword@127.0.0.1:"
+                                  f"{target.port}", "--save", str(tmp_path / "save")])
+    assert code == 0, err
+    assert len(target.instances()) == 3
+    assert "p@ss" not in out + err + (tmp_path / "save").read_text()
+
+
+# ---- failures -------------------------------------------------------------------------------
+REFUSE_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.PatientID == "S00001" then return false end
+  return true
+end
+"""
+
+
+def test_refused_instance_stops_the_run(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "refuse", REFUSE_LUA)])
+    save = tmp_path / "save"
+    code, out, err = run(capsys, args(source, target, save, "--threads", "1"))
+    assert code == 1
+    refused = instances_of_patient(source, "S00001")
+    assert "stopped at the first failure" in err and "FilteredOut" in err
+    named = re.findall(r"instance ([0-9a-f-]{44})", err)
+    assert named and set(named) <= refused
+    assert "Traceback" not in err
+    # one thread, stopped at the first failure: what comes after it was not copied
+    assert len(target.instances()) < CORPUS_SIZE - 8
+
+
+def test_refused_instance_with_ignore_errors(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "refuse", REFUSE_LUA)])
+    save = tmp_path / "save"
+    code, out, err = run(capsys, args(source, target, save, "--ignore-errors"))
+    assert code == 1
+    missing = source.instances() - target.instances()
+    assert missing == instances_of_patient(source, "S00001")  # 8 instances, nothing else
+    assert summary_value(out, "Failed:") == 8 and summary_value(out, "Copied:") == CORPUS_SIZE - 8
+    for instance in missing:
+        assert f"instance {instance}" in err
+    assert err.count("FilteredOut") >= 8
+    assert len(journal_studies(save)) == 4  # the refused study is not recorded as complete
+
+
+# ---- exit statuses and messages -------------------------------------------------------------
+def test_usage_errors_exit_2_with_one_line(source, target, tmp_path) -> None:
+    save = str(tmp_path / "save")
+    cases = {
+        "--threads": [source.url, target.url, "--threads", "0", "--save", save],
+        "http://": ["old-server:8042", target.url, "--save", save],
+        "same server": [source.url, source.url.replace("127.0.0.1", "localhost"), "--save", save],
+        "--retries": [source.url, target.url, "--retries", "-1", "--save", save],
+        "unrecognized arguments": [source.url, target.url, "--bogus"],
+    }
+    for expected, argv in cases.items():
+        result = run_process(argv)
+        assert result.returncode == 2, (expected, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (expected, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_unusable_save_file_exits_2(source, target, tmp_path, capsys) -> None:
+    other = tmp_path / "other"
+    other.write_text(f"replicate.py save file 1\tsource=http://x:1\ttarget={target.url}\n")
+    code, out, err = run(capsys, args(source, target, other))
+    assert code == 2 and "choose another --save" in err
+    code, out, err = run(capsys, args(source, target, tmp_path / "no-such-folder" / "save"))
+    assert code == 2 and "cannot write save file" in err
+
+
+def test_server_problems_exit_3(source, target, not_orthanc, tmp_path) -> None:
+    save = str(tmp_path / "save")
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    cases = {
+        "cannot reach target": [source.url, unreachable],
+        "refused the credentials": [source.url, target.url, "--target-password", "wrong"],
+        "is not an Orthanc": [not_orthanc, target.url],
+    }
+    for expected, argv in cases.items():
+        result = run_process(argv + ["--username", USER, "--password", PASSWORD, "--save", save,
+                                     "--retries", "0"])
+        assert result.returncode == 3, (expected, result.stderr)
+        assert expected in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_help_lists_every_option_with_its_default() -> None:
+    result = run_process(["--help"])
+    assert result.returncode == 0
+    for option in ("--save", "--threads", "--ignore-errors", "--username", "--password",
+                   "--source-username", "--source-password", "--target-username",
+                   "--target-password", "--retries", "--timeout", "-q", "-v", "--version"):
+        assert option in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "(default: studies.list)" in text and "(default: 4)" in text
+    for status in ("0 everything selected is on the target", "1 failures remain", "2 usage error",
+                   "3 a server cannot be reached", "130 interrupted"):
+        assert status in text
+    version = run_process(["--version"])
+    assert version.returncode == 0 and replicate.__version__ in version.stdout
+
+
+def test_kill_mid_run_then_resume(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1),
+                                               lua(tmp_path, "count", COUNT_POSTS_LUA)])
+    save = tmp_path / "save"
+    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, save, "-q",
+                                                               "--threads", "1")])
+    wait_for(lambda: save.exists() and len(journal_studies(save)) >= 1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    present = settled_count(target)  # the target finishes what it had received
+    assert 0 < present < CORPUS_SIZE, "the kill came too late to test a resume"
+
+    code, out, err = run(capsys, args(source, target, save, "--threads", "4"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE - present
+    assert target.md5s() == source.md5s()
+    assert sorted(journal_studies(save)) == sorted(source.get("/studies"))
+
+
+def test_ctrl_c_exits_130_and_resumes(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
+    save = tmp_path / "save"
+    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, save)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: save.exists() and len(journal_studies(save)) >= 1)
+    interrupted_at = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert time.monotonic() - interrupted_at < 10
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert len(target.instances()) < CORPUS_SIZE, "the interrupt came too late to test"
+
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0, err
+    assert target.md5s() == source.md5s()

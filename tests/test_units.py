@@ -1,0 +1,224 @@
+"""Plain unit tests of the pure parts: URLs, credentials, planning, batching, the save file."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+import replicate
+from replicate import (Batch, HttpStatusError, Instance, Journal, RetryPolicy, UsageError,
+                       call_with_retries, format_bytes, is_retryable, make_batches,
+                       parse_url, pick_credentials, plan_copy, same_server)
+
+
+# ---- URLs and credentials -------------------------------------------------------------------
+def test_parse_url_strips_credentials_and_trailing_slash() -> None:
+    assert parse_url("http://bob:s%40cret@old:8042/orthanc/", "source") == \
+        ("http://old:8042/orthanc", "bob", "s@cret")
+    assert parse_url("https://new", "target") == ("https://new", None, None)
+
+
+@pytest.mark.parametrize("text", ["old:8042", "ftp://old", "http://", "http://old:99999",
+                                  "http://old:8042/?x=1", "http://old:port"])
+def test_parse_url_rejects_malformed(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_url(text, "source")
+
+
+def test_malformed_url_message_hides_the_password() -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_url("ftp://bob:hunter2@old", "source")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_password_precedence_flag_env_url_shared() -> None:
+    url = "http://u:from-url@h:1"
+    env = {"REPLICATE_SOURCE_PASSWORD": "from-env"}
+    assert pick_credentials("source", url, None, "flag", "x", "shared", env).password == "flag"
+    assert pick_credentials("source", url, None, None, "x", "shared", env).password == "from-env"
+    assert pick_credentials("source", url, None, None, "x", "shared", {}).password == "from-url"
+    plain = "http://h:1"
+    assert pick_credentials("source", plain, None, None, "x", "shared", {}).password == "shared"
+    default = pick_credentials("source", plain, None, None, "x", None, {})
+    assert (default.password, default.password_given) == ("orthanc", False)
+    # the other side's variable is not used
+    assert pick_credentials("target", plain, None, None, "x", None, env).password == "orthanc"
+
+
+def test_username_precedence() -> None:
+    assert pick_credentials("target", "http://u@h:1", "flag", None, "shared", None, {}).username == "flag"
+    assert pick_credentials("target", "http://u@h:1", None, None, "shared", None, {}).username == "u"
+    assert pick_credentials("target", "http://h:1", None, None, "shared", None, {}).username == "shared"
+
+
+def test_same_server() -> None:
+    assert same_server("http://localhost:8042", "http://127.0.0.1:8042/")
+    assert not same_server("http://localhost:8042", "http://localhost:8043")
+    assert not same_server("http://localhost:8042/a", "http://localhost:8042/b")
+
+
+# ---- planning and batching ------------------------------------------------------------------
+def test_plan_copies_only_what_the_target_lacks_grouped_by_study() -> None:
+    details = {"i1": (10, "s1"), "i2": (20, "s2"), "i4": (40, "s1")}
+    plan = plan_copy(["i1", "i2", "i3", "i4", "i5"], {"i3", "other"}, details,
+                     {"s1": "A", "s2": "B"}, source_bytes=150, source_studies=2)
+    assert plan.source_instances == 5
+    assert {study: [i.id for i in instances] for study, instances in plan.studies.items()} == \
+        {"A": ["i1", "i4"], "B": ["i2"]}
+    assert plan.missing == 3 and plan.missing_bytes == 70
+    assert plan.vanished == 1  # i5 had no details: deleted from the source during the scan
+
+
+def test_plan_with_nothing_missing_is_empty() -> None:
+    plan = plan_copy(["a", "b"], {"a", "b"}, {}, {}, 0, 1)
+    assert plan.studies == {} and plan.missing == 0 and plan.vanished == 0
+
+
+def _instances(*sizes: int) -> list[Instance]:
+    return [Instance(f"i{n}", "S", size) for n, size in enumerate(sizes)]
+
+
+def test_batches_by_size_class() -> None:
+    big = replicate.STREAM_MIN_INSTANCE
+    medium = replicate.ARCHIVE_MAX_INSTANCE + 1
+    batches = make_batches(_instances(100, 100, medium, big, 100, medium), True, True)
+    assert [(b.mode, [i.id for i in b.instances]) for b in batches] == [
+        ("archive", ["i0", "i1", "i4"]), ("bundle", ["i2", "i5"]), ("single", ["i3"])]
+
+
+def test_batches_respect_count_and_byte_limits() -> None:
+    batches = make_batches(_instances(*[100] * 7), True, True, max_instances=3)
+    assert [len(b.instances) for b in batches] == [3, 3, 1]
+    assert batches[-1].mode == "single"
+    batches = make_batches(_instances(*[100] * 5), True, True, max_bytes=250)
+    assert [len(b.instances) for b in batches] == [2, 2, 1]
+
+
+def test_batches_without_zip_upload_are_single() -> None:
+    batches = make_batches(_instances(100, 100), zip_upload=False, archive_download=True)
+    assert [b.mode for b in batches] == ["single", "single"]
+    batches = make_batches(_instances(100, 100), zip_upload=True, archive_download=False)
+    assert [b.mode for b in batches] == ["bundle"]
+
+
+def test_batch_size() -> None:
+    assert Batch("archive", "S", _instances(1, 2, 3)).size == 6
+
+
+# ---- small helpers --------------------------------------------------------------------------
+def test_format_bytes() -> None:
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(999) == "999 B"
+    assert format_bytes(1500) == "1.5 KB"
+    assert format_bytes(520_300_000) == "520.3 MB"
+
+
+def test_version_at_least() -> None:
+    assert replicate.version_at_least("1.10.1", (1, 8, 2))
+    assert not replicate.version_at_least("1.8.1", (1, 8, 2))
+    assert replicate.version_at_least("mainline", (1, 8, 2))
+
+
+@pytest.mark.parametrize("error, expected", [
+    (HttpStatusError("target", "POST", "/instances", 503, ""), True),
+    (HttpStatusError("target", "POST", "/instances", 429, ""), True),
+    (HttpStatusError("target", "POST", "/instances", 400, ""), False),
+    (HttpStatusError("source", "GET", "/instances/x/file", 404, ""), False),
+    (requests.ConnectionError("reset"), True),
+    (requests.ReadTimeout("slow"), True),
+    (ValueError("bug"), False),
+])
+def test_is_retryable(error: Exception, expected: bool) -> None:
+    assert is_retryable(error) is expected
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    policy = RetryPolicy()
+    delays = [policy.delay(attempt) for attempt in range(1, 10)]
+    assert 0.4 <= delays[0] <= 0.5
+    assert all(delay <= replicate.BACKOFF_MAX for delay in delays)
+    assert delays[4] > delays[1]
+    # the default policy rides out a server that is down for 30 seconds
+    assert sum(RetryPolicy().delay(a) * 1.0 for a in range(1, RetryPolicy().retries + 1)) > 30
+
+
+def test_retries_then_gives_up_with_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(RetryPolicy, "delay", lambda self, attempt: 0)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise requests.ConnectionError("reset")
+        return "ok"
+    assert call_with_retries(flaky, "test", RetryPolicy(retries=5), threading.Event()) == "ok"
+    assert len(calls) == 3
+
+    def always() -> None:
+        raise HttpStatusError("target", "POST", "/instances", 503, "busy")
+    with pytest.raises(replicate.GaveUp) as caught:
+        call_with_retries(always, "test", RetryPolicy(retries=2), threading.Event())
+    assert caught.value.attempts == 3 and "HTTP 503" in str(caught.value)
+    assert isinstance(caught.value.__cause__, HttpStatusError)
+
+
+def test_client_errors_are_not_retried() -> None:
+    calls = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise HttpStatusError("target", "POST", "/instances", 400, "bad file")
+    with pytest.raises(HttpStatusError):
+        call_with_retries(refused, "test", RetryPolicy(retries=5), threading.Event())
+    assert len(calls) == 1
+
+
+# ---- the save file --------------------------------------------------------------------------
+def test_journal_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    journal.study_done("s1", 3, 300)
+    journal.study_done("s2", 1, 10)
+    journal.close()
+    first = path.read_text().splitlines()[0]
+    assert first == "replicate.py save file 1\tsource=http://a:1\ttarget=http://b:2"
+    again = Journal(path, "http://a:1", "http://b:2").open()
+    assert again.studies == {"s1": 3, "s2": 1}
+    again.close()
+
+
+def test_journal_drops_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    journal.study_done("s1", 3, 300)
+    journal.close()
+    with open(path, "a") as file:
+        file.write("study\ts2\t4")  # a crash in the middle of a line
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    assert journal.studies == {"s1": 3}
+    journal.study_done("s3", 2, 20)
+    journal.close()
+    assert path.read_text().splitlines()[1:] == [
+        line for line in path.read_text().splitlines()[1:] if line.startswith("study\ts")]
+    assert [line.split("\t")[1] for line in path.read_text().splitlines()[1:]] == ["s1", "s3"]
+
+
+def test_journal_refuses_another_pair(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    Journal(path, "http://a:1", "http://b:2").open().close()
+    with pytest.raises(UsageError, match="belongs to source http://a:1 and target http://b:2"):
+        Journal(path, "http://a:1", "http://c:3").open()
+
+
+def test_journal_refuses_a_pickle_and_a_corrupt_line(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    path.write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00]\x94.")
+    with pytest.raises(UsageError, match="not a replicate.py save file"):
+        Journal(path, "http://a:1", "http://b:2").open()
+    path.write_text("replicate.py save file 1\tsource=http://a:1\ttarget=http://b:2\n"
+                    "garbage\n" "study\ts1\t1\t1\tx\n")
+    with pytest.raises(UsageError, match="line 2 is corrupt"):
+        Journal(path, "http://a:1", "http://b:2").open()
