@@ -186,6 +186,11 @@ class Plan:
         return sum(len(instances) for instances in self.studies.values())
 
     @property
+    def present(self) -> int:
+        """Source instances the target already had when the scan looked."""
+        return self.source_instances - self.missing - self.vanished
+
+    @property
     def missing_bytes(self) -> int:
         return sum(i.size for instances in self.studies.values() for i in instances)
 
@@ -511,7 +516,8 @@ def parallel_map(function: Callable[[str], T], items: list[str], threads: int) -
 
 
 def fetch_details(source: OrthancClient, wanted: set, total: int, level: str,
-                  threads: int, read: Callable[[dict], T]) -> dict[str, T]:
+                  threads: int, read: Callable[[dict], T],
+                  advance: Callable[[int], None] = lambda count: None) -> dict[str, T]:
     """Details of the `wanted` resources of a level: one paged expanded listing when they are
     many, one request each when they are few. Paging on SQLite is unstable while the server
     receives data, so whatever the pages missed is asked for one by one afterwards; a resource
@@ -521,9 +527,11 @@ def fetch_details(source: OrthancClient, wanted: set, total: int, level: str,
         since = 0
         while True:
             page = source.get(f"/{level}?expand&since={since}&limit={LISTING_PAGE}")
+            before = len(found)
             for record in page:
                 if record["ID"] in wanted:
                     found[record["ID"]] = read(record)
+            advance(len(found) - before)
             if len(page) < LISTING_PAGE:
                 break
             since += LISTING_PAGE
@@ -539,10 +547,12 @@ def fetch_details(source: OrthancClient, wanted: set, total: int, level: str,
     for resource, record in zip(rest, parallel_map(one, rest, threads)):
         if record is not None:
             found[resource] = read(record)
+        advance(1)
     return found
 
 
-def scan(source: OrthancClient, target: OrthancClient, threads: int) -> Plan:
+def scan(source: OrthancClient, target: OrthancClient, threads: int,
+         progress: Optional["Progress"] = None) -> Plan:
     """List both servers (one request each) and describe only what the target lacks."""
     statistics = source.get("/statistics")
     listed_studies = source.get("/studies")  # before the instances: see Plan.listed_studies
@@ -554,8 +564,13 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int) -> Plan:
     if missing:
         log.debug("scan: %d instances missing on the target, asking for their details",
                   len(missing))
+        if progress:
+            progress.start(len(missing), "scanning")
         details = fetch_details(source, missing, len(source_ids), "instances", threads,
-                                lambda record: (int(record["FileSize"]), record["ParentSeries"]))
+                                lambda record: (int(record["FileSize"]), record["ParentSeries"]),
+                                progress.advance if progress else lambda count: None)
+        if progress:
+            progress.finish()
         series = {detail[1] for detail in details.values()}
         series_study = fetch_details(source, series, int(statistics.get("CountSeries", 0)),
                                      "series", threads, lambda record: record["ParentStudy"])
@@ -1038,7 +1053,7 @@ def summary_lines(plan: Plan, outcome: Outcome, elapsed: float) -> list[str]:
     lines = [
         f"Copied:        {format_count(outcome.copied)} instances, "
         f"{format_bytes(outcome.copied_bytes)} ({format_bytes(rate)}/s)",
-        f"Already there: {format_count(plan.source_instances - plan.missing - plan.vanished + outcome.already)} instances",
+        f"Already there: {format_count(plan.present + outcome.already)} instances",
         f"Failed:        {format_count(len(outcome.failed))} instances",
     ]
     if outcome.vanished:
@@ -1060,17 +1075,16 @@ def replicate(config: Config, stop: threading.Event) -> int:
         if journal.studies:
             say(f"Save file:     {config.save}: {format_count(len(journal.studies))} studies "
                 "completed by earlier runs")
-        log.info("scanning both servers ...")
-        plan = scan(source, target, config.threads)
-        present = plan.source_instances - plan.missing - plan.vanished
+        progress = Progress(not config.quiet and sys.stderr.isatty())
+        plan = scan(source, target, config.threads, progress)
         say(f"Studies found on the source: {format_count(plan.source_studies)}")
         say(f"Source holds:  {format_count(plan.source_instances)} instances, "
             f"{format_bytes(plan.source_bytes)}")
-        say(f"On the target: {format_count(present)} of them already, "
+        say(f"On the target: {format_count(plan.present)} of them already, "
             f"{format_bytes(max(plan.source_bytes - plan.missing_bytes, 0))}")
         say(f"To transfer:   {format_count(plan.missing)} instances in "
-            f"{format_count(len(plan.studies))} studies, {format_bytes(plan.missing_bytes)}")
-        progress = Progress(not config.quiet and sys.stderr.isatty())
+            f"{format_count(len(plan.studies))} "
+            f"{'study' if len(plan.studies) == 1 else 'studies'}, {format_bytes(plan.missing_bytes)}")
         copier = Copier(source, target, config.policy, stop)
         outcome = run_transfer(config, plan, copier, journal, progress, stop)
         if not (outcome.interrupted or outcome.failed):
