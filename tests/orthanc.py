@@ -63,6 +63,12 @@ class OrthancServer:
             self.session.auth = (user, password)
         self.session.headers["Accept-Encoding"] = "identity"
 
+    @staticmethod
+    def version_of() -> str:
+        answer = subprocess.run([ORTHANC_BINARY, "--version"], capture_output=True, text=True)
+        words = answer.stdout.split()
+        return words[1] if len(words) > 1 else "?"
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
