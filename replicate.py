@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import warnings
 import zipfile
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -144,6 +145,8 @@ class Config:
     quiet: bool = False
     verbose: bool = False
     prompt: bool = True
+    tls_verify: Any = True  # True, False (--insecure) or the path of a CA bundle
+    verify: bool = False
 
 
 class Instance:
@@ -180,6 +183,7 @@ class Plan:
     vanished: int = 0
     # Studies listed before the instances: each one not in `studies` was complete on the target.
     listed_studies: list[str] = field(default_factory=list)
+    source_ids: list[str] = field(default_factory=list)  # what --verify checks
 
     @property
     def missing(self) -> int:
@@ -214,6 +218,8 @@ class Outcome:
     interrupted: bool = False
     stopped_on_failure: bool = False
     studies_completed: int = 0
+    verified: Optional[int] = None  # instances --verify compared, None without --verify
+    verify_problems: list[tuple[str, str]] = field(default_factory=list)
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -353,9 +359,12 @@ def version_at_least(version: str, wanted: tuple[int, int, int]) -> bool:
 
 
 def is_retryable(error: BaseException) -> bool:
-    """The one place that decides: connection trouble, timeouts, 408, 429 and 5xx are retried."""
+    """The one place that decides: connection trouble, timeouts, 408, 429 and 5xx are retried;
+    TLS failures (a certificate is not trusted) are not."""
     if isinstance(error, HttpStatusError):
         return error.status in (408, 429) or error.status >= 500
+    if isinstance(error, requests.exceptions.SSLError):
+        return False
     return isinstance(error, (requests.ConnectionError, requests.Timeout,
                               requests.exceptions.ChunkedEncodingError,
                               requests.exceptions.ContentDecodingError, ConnectionError,
@@ -370,6 +379,8 @@ def describe_error(error: BaseException) -> str:
         return "timed out"
     if isinstance(error, requests.ConnectionError):
         text = str(error)
+        if "NameResolutionError" in text or "Failed to resolve" in text:
+            return "unknown host name"
         for known in ("Connection refused", "Connection reset", "Name or service not known",
                       "Remote end closed connection", "certificate verify failed",
                       "No route to host", "Temporary failure in name resolution"):
@@ -380,7 +391,19 @@ def describe_error(error: BaseException) -> str:
 
 
 class TruncatedDownload(Exception):
-    """The source's answer ended before its announced length."""
+    """An answer ended before its announced length, or was cut inside its headers."""
+
+
+def require_framing(response: requests.Response) -> None:
+    """Orthanc frames its answers with Content-Length, chunks, or `Connection: close` (its
+    archives); one with none of them was cut inside its headers, and http.client would take
+    an empty body for it."""
+    headers = response.headers
+    if "Content-Length" not in headers and \
+            "chunked" not in headers.get("Transfer-Encoding", "").lower() and \
+            headers.get("Connection", "").lower() != "close":
+        response.close()
+        raise TruncatedDownload("an answer was cut inside its headers")
 
 
 def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
@@ -411,8 +434,10 @@ def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
 class OrthancClient:
     """One server. Each thread gets its own keep-alive requests session."""
 
-    def __init__(self, endpoint: Endpoint, policy: RetryPolicy, stop: threading.Event) -> None:
+    def __init__(self, endpoint: Endpoint, policy: RetryPolicy, stop: threading.Event,
+                 tls_verify: Any = True) -> None:
         self.endpoint = endpoint
+        self.tls_verify = tls_verify
         self.role = endpoint.role
         self.policy = policy
         self.stop = stop
@@ -430,6 +455,7 @@ class OrthancClient:
             session.headers["Accept-Encoding"] = "identity"
             session.headers["User-Agent"] = f"replicate.py/{__version__}"
             session.trust_env = False
+            session.verify = self.tls_verify
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -451,6 +477,7 @@ class OrthancClient:
             response.close()
             raise HttpStatusError(self.role, method, path.split("?")[0], response.status_code,
                                   body)
+        require_framing(response)
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -468,17 +495,51 @@ class OrthancClient:
     def get(self, path: str) -> Any:
         return self.json("GET", path)
 
-    def check(self) -> dict:
-        """GET /system once, turning every way it can fail into a one-line ServerError."""
-        url = self.endpoint.url
+    def text(self, path: str) -> str:
+        """A GET of a plain text answer, with retries."""
+        return call_with_retries(lambda: self.send("GET", path).text.strip(),
+                                 f"{self.role} GET {path}", self.policy, self.stop)
+
+    def md5(self, instance_id: str) -> Optional[str]:
+        """The MD5 Orthanc stored for the instance's DICOM file (of the uncompressed file,
+        whatever StorageCompression says), or None when the instance is not there."""
         try:
-            response = self.session().get(url + "/system", timeout=(10, self.policy.timeout),
-                                          allow_redirects=False)
+            return self.text(f"/instances/{instance_id}/attachments/dicom/md5")
+        except HttpStatusError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def check(self) -> dict:
+        """GET /system, turning every way it can fail into a one-line ServerError. Resets,
+        timeouts and 5xx are retried like any request; a refused connection, an unknown host
+        or a TLS failure are most likely a wrong URL and fail at once."""
+        url = self.endpoint.url
+
+        def ask() -> requests.Response:
+            try:
+                response = self.session().get(url + "/system", allow_redirects=False,
+                                              timeout=(10, self.policy.timeout))
+            except requests.exceptions.SSLError:
+                raise
+            except requests.ConnectionError as error:
+                reason = describe_error(error)
+                if reason in ("connection refused", "unknown host name",
+                              "name or service not known"):
+                    raise ServerError(f"cannot reach {self.role} {url}: {reason}") from error
+                raise
+            if response.status_code == 429 or response.status_code >= 500:
+                raise HttpStatusError(self.role, "GET", "/system", response.status_code, "")
+            if response.status_code == 200:
+                require_framing(response)
+            return response
+        try:
+            response = call_with_retries(ask, f"{self.role} GET /system", self.policy, self.stop)
         except requests.exceptions.SSLError as error:
             raise ServerError(f"cannot reach {self.role} {url}: TLS failed "
                               f"({describe_tls_error(error)}); see --ca-bundle and --insecure"
                               ) from error
-        except requests.RequestException as error:
+        except (requests.RequestException, GaveUp, HttpStatusError) as error:
             raise ServerError(f"cannot reach {self.role} {url}: {describe_error(error)}"
                               ) from error
         if response.status_code in (401, 403):
@@ -577,7 +638,35 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int,
     plan = plan_copy(source_ids, target_ids, details, series_study,
                      int(statistics.get("TotalUncompressedSize", 0)), len(listed_studies))
     plan.listed_studies = listed_studies
+    plan.source_ids = source_ids
     return plan
+
+
+def verify_copy(source: OrthancClient, target: OrthancClient, instance_ids: list[str],
+                threads: int, progress: "Progress") -> tuple[int, int, list[tuple[str, str]]]:
+    """Compare the MD5 that each server stored for every instance (no file is downloaded).
+    Returns (instances checked, instances gone from the source, problems)."""
+    def one(instance_id: str) -> tuple[Optional[str], Optional[str]]:
+        expected = source.md5(instance_id)
+        return expected, target.md5(instance_id) if expected is not None else None
+
+    problems: list[tuple[str, str]] = []
+    vanished = 0
+    progress.start(len(instance_ids), "verifying")
+    try:
+        for instance_id, (expected, found) in zip(instance_ids,
+                                                  parallel_map(one, instance_ids, threads)):
+            progress.advance(1)
+            if expected is None:
+                vanished += 1
+            elif found is None:
+                problems.append((instance_id, "missing on the target"))
+            elif found != expected:
+                problems.append((instance_id, f"different on the target (MD5 {found}, "
+                                              f"{expected} on the source)"))
+    finally:
+        progress.finish()
+    return len(instance_ids) - vanished, vanished, problems
 
 
 # ---- the journal (save file) ----------------------------------------------------------------
@@ -890,9 +979,8 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
                 progress.advance(landed, f"{format_count(finished)}/{format_count(total)} "
                                          "instances")
             if outcome.failed and not config.ignore_errors:
-                outcome.stopped_on_failure = True
-                stop.set()
-            if not stop.is_set():
+                outcome.stopped_on_failure = True  # submit no more; what is in flight lands
+            if not outcome.stopped_on_failure:
                 fill()
     except KeyboardInterrupt:
         outcome.interrupted = True
@@ -900,7 +988,6 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
         log.warning("interrupted: finishing the instances in flight (Ctrl-C again to quit now)")
         wait(list(in_flight), timeout=10)
     finally:
-        stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
         progress.finish()
     return outcome
@@ -983,6 +1070,15 @@ def _setup_argparser() -> ArgumentParser:
                           "with backoff up to 15 s (default: 8, about a minute)")
     run.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                      help="seconds to wait for a server's answer (default: 60)")
+    run.add_argument("--verify", action="store_true",
+                     help="after copying, compare every instance's stored MD5 on both servers "
+                          "and name each one missing or different (default: off)")
+    tls = parser.add_argument_group("https")
+    tls.add_argument("--ca-bundle", metavar="FILE", default=None,
+                     help="PEM file of the certificate authorities to trust (default: the "
+                          "system's)")
+    tls.add_argument("--insecure", action="store_true",
+                     help="do not check TLS certificates at all (default: check them)")
     auth = parser.add_argument_group("credentials")
     auth.add_argument("--username", default="orthanc",
                       help="user name for both servers (default: orthanc)")
@@ -1017,10 +1113,20 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
     if same_server(source.url, target.url):
         raise UsageError(f"source and target are the same server ({source.url}); "
                          "name two different servers")
+    tls_verify: Any = True
+    if args.ca_bundle:
+        if not os.path.isfile(args.ca_bundle):
+            raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
+        tls_verify = args.ca_bundle
+    if args.insecure:
+        if args.ca_bundle:
+            raise UsageError("--insecure and --ca-bundle contradict each other; choose one")
+        tls_verify = False
     return Config(source=source, target=target, save=Path(args.save), threads=args.threads,
                   ignore_errors=args.ignore_errors,
                   policy=RetryPolicy(retries=args.retries, timeout=args.timeout),
-                  quiet=args.quiet, verbose=args.verbose, prompt=not args.no_prompt)
+                  quiet=args.quiet, verbose=args.verbose, prompt=not args.no_prompt,
+                  tls_verify=tls_verify, verify=args.verify)
 
 
 def setup_logging(quiet: bool, verbose: bool) -> None:
@@ -1034,7 +1140,7 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
 # ---- main -----------------------------------------------------------------------------------
 def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> OrthancClient:
     """A checked client; asks for the password on a terminal if the server refuses the default."""
-    client = OrthancClient(endpoint, config.policy, stop)
+    client = OrthancClient(endpoint, config.policy, stop, config.tls_verify)
     try:
         client.check()
     except ServerError as error:
@@ -1043,7 +1149,8 @@ def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> Orthan
             raise
         client.close()
         password = getpass.getpass(f"password for {endpoint.username} on {endpoint.url}: ")
-        client = OrthancClient(endpoint.with_password(password), config.policy, stop)
+        client = OrthancClient(endpoint.with_password(password), config.policy, stop,
+                               config.tls_verify)
         client.check()
     return client
 
@@ -1056,6 +1163,9 @@ def summary_lines(plan: Plan, outcome: Outcome, elapsed: float) -> list[str]:
         f"Already there: {format_count(plan.present + outcome.already)} instances",
         f"Failed:        {format_count(len(outcome.failed))} instances",
     ]
+    if outcome.verified is not None:
+        lines.append(f"Verified:      {format_count(outcome.verified)} instances, "
+                     f"{format_count(len(outcome.verify_problems))} missing or different")
     if outcome.vanished:
         lines.append(f"Vanished:      {format_count(outcome.vanished)} instances deleted from "
                      "the source during the run")
@@ -1091,6 +1201,10 @@ def replicate(config: Config, stop: threading.Event) -> int:
             for study in plan.listed_studies:
                 if study not in journal.studies and study not in plan.studies:
                     journal.study_done(study, 0, 0)
+        if config.verify and not outcome.interrupted:
+            checked, gone, outcome.verify_problems = verify_copy(
+                source, target, plan.source_ids, config.threads, progress)
+            outcome.verified, outcome.vanished = checked, outcome.vanished + gone
     finally:
         journal.close()
         source.close()
@@ -1101,6 +1215,8 @@ def replicate(config: Config, stop: threading.Event) -> int:
         log.error("interrupted: %d instances copied; run the same command again to resume",
                   outcome.copied)
         return EXIT_INTERRUPTED
+    for instance_id, problem in outcome.verify_problems:
+        log.error("verify failed: instance %s: %s", instance_id, problem)
     if outcome.failed:
         if outcome.stopped_on_failure and not config.ignore_errors:
             instance_id, reason = outcome.failed[0]
@@ -1110,8 +1226,7 @@ def replicate(config: Config, stop: threading.Event) -> int:
             log.error("%d instances failed:", len(outcome.failed))
             for instance_id, reason in outcome.failed:
                 log.error("  instance %s: %s", instance_id, reason)
-        return EXIT_FAILURES
-    return EXIT_OK
+    return EXIT_FAILURES if outcome.failed or outcome.verify_problems else EXIT_OK
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -1122,6 +1237,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = parse_config(argv, dict(os.environ))
         setup_logging(config.quiet, config.verbose)
+        if config.tls_verify is False:
+            warnings.filterwarnings("ignore", message="Unverified HTTPS request")
+            print("replicate.py: warning: --insecure: TLS certificates are not checked; anyone "
+                  "on the path can read and change what is copied", file=sys.stderr)
         return replicate(config, stop)
     except ReplicateError as error:
         log.debug("traceback:", exc_info=True)

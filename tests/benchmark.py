@@ -238,7 +238,9 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                 check_copy(source, target, deep)
                 if kind == "tiny" and rerun is None:
                     rerun = rerun_nothing(source, target, save, work)
-                    planning = plan_cost(source, fresh_target(work, "plan"))
+                    empty = fresh_target(work, "plan")
+                    planning = plan_cost(source, empty)
+                    discard(empty)
                 discard(target)
             measures.append(measure)
         finally:

@@ -1,0 +1,220 @@
+"""Faults, verification, HTTPS and secrets, against real Orthanc servers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import signal
+import ssl
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from faultproxy import Fault, FaultProxy, cycling
+from orthanc import PASSWORD, USER, OrthancServer
+from test_replicate import (CORPUS_SIZE, REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
+                            slow_lua, summary_value, wait_for)
+
+
+def proxied(source: OrthancServer, proxy: FaultProxy, save: Path, *extra: str) -> list[str]:
+    return [source.url, proxy.url, "--username", USER, "--password", PASSWORD, "--save",
+            str(save), *extra]
+
+
+# ---- transient faults -----------------------------------------------------------------------
+def test_resets_cuts_and_stalls_on_the_way_to_the_target(source, target, tmp_path,
+                                                         capsys) -> None:
+    faults = (Fault("reset"), Fault("cut_answer", after=100), Fault("cut_request", after=3000),
+              Fault("stall", seconds=4))
+    proxy = FaultProxy(target.port, cycling(*faults, count=12))
+    try:
+        code, out, err = run(capsys, proxied(source, proxy, tmp_path / "save", "--threads", "2",
+                                             "--timeout", "1.5", "-v"))
+    finally:
+        proxy.close()
+    assert code == 0, err
+    assert set(proxy.injected) == {"reset", "cut_answer", "cut_request", "stall"}, proxy.injected
+    assert "(attempt 1/9)" in err
+    assert target.md5s() == source.md5s()
+
+
+def test_target_killed_and_restarted_mid_run(make_server, source, tmp_path) -> None:
+    target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
+    save = tmp_path / "save"
+    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, save, "-v",
+                                                               "--threads", "2")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: save.exists() and len(journal_studies(save)) >= 1)
+    target.kill()
+    time.sleep(2)
+    assert process.poll() is None, "the run ended while the target was down"
+    target.start()
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "retrying" in err
+    assert target.md5s() == source.md5s()
+
+
+def test_a_server_down_for_good_fails_with_the_cause_and_attempts(source, target, tmp_path,
+                                                                  capsys) -> None:
+    proxy = FaultProxy(target.port, cycling(Fault(), then=Fault("reset"), count=2))
+    try:
+        code, out, err = run(capsys, proxied(source, proxy, tmp_path / "save", "--retries", "2",
+                                             "--ignore-errors"))
+    finally:
+        proxy.close()
+    assert code == 1
+    assert "connection reset after 3 attempts" in err
+    assert summary_value(out, "Failed:") > 0
+
+
+# ---- verification ---------------------------------------------------------------------------
+def test_verify_an_exact_copy_from_a_compressed_source(make_server, corpus, target, tmp_path,
+                                                       capsys) -> None:
+    source = make_server("SOURCE", StorageCompression=True)
+    source.upload(corpus)
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--verify"))
+    assert code == 0, err
+    assert "Verified:      29 instances, 0 missing or different" in out
+    assert target.md5s() == source.md5s()
+
+
+def test_verify_names_an_instance_with_other_bytes(source, target, tmp_path, capsys) -> None:
+    save = tmp_path / "save"
+    assert run(capsys, args(source, target, save))[0] == 0
+    victim = sorted(source.instances())[0]
+    changed = tmp_path / "changed.dcm"
+    changed.write_bytes(source.session.get(f"{source.url}/instances/{victim}/file").content)
+    dataset = pydicom.dcmread(changed)
+    dataset.PatientName = "Someone^Else"
+    dataset.save_as(changed)
+    target.session.delete(f"{target.url}/instances/{victim}").raise_for_status()
+    assert target.upload([changed]) == [victim]  # same ID, other bytes
+
+    code, out, err = run(capsys, args(source, target, save, "--verify"))
+    assert code == 1
+    assert summary_value(out, "Copied:") == 0
+    assert "Verified:      29 instances, 1 missing or different" in out
+    assert f"verify failed: instance {victim}: different on the target" in err
+
+
+def test_verify_names_missing_instances(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "refuse", REFUSE_LUA)])
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--verify",
+                                      "--ignore-errors"))
+    assert code == 1
+    assert err.count("missing on the target") == 8
+    assert "Verified:      29 instances, 8 missing or different" in out
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def test_unknown_host_and_corrupt_save_file(source, target, tmp_path, capsys) -> None:
+    code, out, err = run(capsys, [source.url, "http://no-such-host.invalid:8042", "--username",
+                                  USER, "--password", PASSWORD, "--save", str(tmp_path / "save")])
+    assert code == 3
+    assert "cannot reach target http://no-such-host.invalid:8042: unknown host name" in err
+    save = tmp_path / "corrupt"
+    save.write_text(f"replicate.py save file 1\tsource={source.url}\ttarget={target.url}\n"
+                    "study\tabc\tnot-a-number\n" "study\tdef\t1\t1\tx\n")
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 2 and "line 2 is corrupt" in err
+
+
+@pytest.mark.parametrize("option", ["--threads=-3", "--timeout=0", "--retries=x",
+                                    "--ca-bundle=/no/such/file"])
+def test_bad_option_values(source, target, tmp_path, capsys, option) -> None:
+    code, out, err = run(capsys, [source.url, target.url, option, "--save",
+                                  str(tmp_path / "save")])
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and option.split("=")[0] in err
+
+
+# ---- secrets --------------------------------------------------------------------------------
+def test_passwords_never_printed_or_saved(make_server, corpus, tmp_path, capsys) -> None:
+    secret = "s3cr3t-Pa55"
+    source = make_server("SOURCE", users={"alice": secret})
+    source.upload(corpus[:4])
+    target = make_server("TARGET", users={"alice": secret})
+    save = tmp_path / "save"
+    proxy = FaultProxy(target.port, cycling(Fault("reset"), count=3))
+    try:
+        code, out, err = run(capsys, [f"http://alice:{secret}@127.0.0.1:{source.port}",
+                                      f"http://alice:{secret}@127.0.0.1:{proxy.port}/",
+                                      "-v", "--save", str(save), "--verify"])
+        assert code == 0, err
+        failed = run(capsys, [f"http://alice:{secret}@127.0.0.1:{source.port}",
+                              f"http://alice:wrong-{secret}@127.0.0.1:{target.port}", "-v",
+                              "--save", str(tmp_path / "other")])
+    finally:
+        proxy.close()
+    assert failed[0] == 3
+    assert "(attempt 1/" in err  # the resets were retried and logged
+    for text in (out, err, failed[1], failed[2], save.read_text()):
+        assert secret not in text
+
+
+def test_password_prompt_on_a_terminal(make_server, corpus, tmp_path) -> None:
+    source = make_server("SOURCE", users={"orthanc": "orthanc"})
+    source.upload(corpus[:3])
+    target = make_server("TARGET", users={"orthanc": "typed-secret"})
+    controller, terminal = pty.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    process = subprocess.Popen([sys.executable, SCRIPT, source.url, target.url, "--save",
+                                str(tmp_path / "save")], stdin=terminal,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=take_terminal)
+    os.close(terminal)
+    seen = b""
+    deadline = time.monotonic() + 30
+    while b"password for orthanc on" not in seen and time.monotonic() < deadline:
+        seen += os.read(controller, 1024)
+    os.write(controller, b"typed-secret\n")
+    out, err = process.communicate(timeout=60)
+    os.close(controller)
+    assert process.returncode == 0, err
+    assert len(target.instances()) == 3
+    assert b"typed-secret" not in out + err
+
+
+# ---- HTTPS ----------------------------------------------------------------------------------
+@pytest.fixture
+def certificate(tmp_path: Path) -> Path:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    (tmp_path / "both.pem").write_text(key.read_text() + cert.read_text())
+    return cert
+
+
+def test_https_target_behind_a_tls_proxy(source, target, certificate, tmp_path,
+                                         capsys) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, certificate.parent / "key.pem")
+    proxy = FaultProxy(target.port, tls=context)
+    try:
+        code, out, err = run(capsys, proxied(source, proxy, tmp_path / "save"))
+        assert code == 3
+        assert "certificate verify failed" in err and "--ca-bundle" in err
+        assert len(err.strip().splitlines()) == 1
+        code, out, err = run(capsys, proxied(source, proxy, tmp_path / "save", "--ca-bundle",
+                                             str(certificate)))
+        assert code == 0, err
+        assert target.md5s() == source.md5s()
+        target.delete_all()
+        code, out, err = run(capsys, proxied(source, proxy, tmp_path / "save2", "--insecure"))
+        assert code == 0, err
+        assert "warning: --insecure" in err
+        assert target.md5s() == source.md5s()
+    finally:
+        proxy.close()
