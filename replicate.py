@@ -163,10 +163,9 @@ class Instance:
 
 @dataclass
 class Batch:
-    """Instances of one study that travel together. `mode` is archive, bundle or single."""
+    """Instances that travel together. `mode` is archive, bundle or single."""
 
     mode: str
-    study: str
     instances: list[Instance]
 
     @property
@@ -325,14 +324,14 @@ def plan_copy(source_ids: Iterable[str], target_ids: set, details: dict[str, tup
 def make_batches(instances: list[Instance], zip_upload: bool, archive_download: bool,
                  max_instances: int = BATCH_MAX_INSTANCES,
                  max_bytes: int = BATCH_MAX_BYTES) -> list[Batch]:
-    """Cut one study's instances into batches: small ones into source-built archives, middle
+    """Cut instances (in study order) into batches: small ones into source-built archives, middle
     ones into bundles this tool zips, large ones (and everything when the target takes no
     ZIP uploads) one by one."""
     batches: list[Batch] = []
     open_batches: dict[str, Batch] = {}
     for instance in instances:
         if not zip_upload or instance.size >= STREAM_MIN_INSTANCE:
-            batches.append(Batch("single", instance.study, [instance]))
+            batches.append(Batch("single", [instance]))
             continue
         mode = "archive" if archive_download and instance.size <= ARCHIVE_MAX_INSTANCE else "bundle"
         batch = open_batches.get(mode)
@@ -340,7 +339,7 @@ def make_batches(instances: list[Instance], zip_upload: bool, archive_download: 
                       or batch.size + instance.size > max_bytes):
             batch = None
         if batch is None:
-            batch = open_batches[mode] = Batch(mode, instance.study, [])
+            batch = open_batches[mode] = Batch(mode, [])
             batches.append(batch)
         batch.instances.append(instance)
     for batch in batches:
@@ -792,7 +791,7 @@ class Copier:
         if batch.mode == "single":
             return self.copy_singles(batch, batch.instances)
         result = BatchResult(batch)
-        what = f"copy of {len(batch.instances)} instances of study {batch.study}"
+        what = f"copy of {len(batch.instances)} instances ({batch.instances[0].id} ...)"
         try:
             answers = call_with_retries(lambda: self.upload_zip(batch), what, self.policy,
                                         self.stop)
@@ -925,15 +924,12 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
     outcome = Outcome(vanished=plan.vanished)
     zip_upload = version_at_least(copier.target.version, (1, 8, 2))
     archive_download = version_at_least(copier.source.version, (1, 8, 2))
-    batches: list[Batch] = []
-    study_left: dict[str, int] = {}
-    study_ok: dict[str, bool] = {}
-    study_size: dict[str, int] = {}
-    for study, instances in plan.studies.items():
-        cut = make_batches(instances, zip_upload, archive_download)
-        batches.extend(cut)
-        study_left[study], study_ok[study] = len(cut), True
-        study_size[study] = sum(instance.size for instance in instances)
+    # Batches may hold several studies (fewer, larger requests); a study is recorded in the
+    # journal once every one of its instances landed.
+    batches = make_batches([instance for instances in plan.studies.values()
+                            for instance in instances], zip_upload, archive_download)
+    study_left = {study: len(instances) for study, instances in plan.studies.items()}
+    study_failed: set[str] = set()
     total = plan.missing
     pending = iter(batches)
     in_flight: dict[Future, Batch] = {}
@@ -969,12 +965,14 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
                     outcome.failed.append((instance.id, reason))
                     log.error("copy failed: instance %s (study %s): %s", instance.id,
                               instance.study, reason)
-                study_left[batch.study] -= 1
-                study_ok[batch.study] &= not result.failed
-                if study_left[batch.study] == 0 and study_ok[batch.study]:
-                    journal.study_done(batch.study, len(plan.studies[batch.study]),
-                                       study_size[batch.study])
-                    outcome.studies_completed += 1
+                study_failed.update(instance.study for instance, _ in result.failed)
+                for instance in batch.instances:
+                    study = instance.study
+                    study_left[study] -= 1
+                    if study_left[study] == 0 and study not in study_failed:
+                        journal.study_done(study, len(plan.studies[study]),
+                                           sum(i.size for i in plan.studies[study]))
+                        outcome.studies_completed += 1
                 finished = outcome.copied + outcome.already + len(outcome.failed)
                 progress.advance(landed, f"{format_count(finished)}/{format_count(total)} "
                                          "instances")

@@ -52,7 +52,6 @@ class OrthancServer:
             "RegisteredUsers": self.users,
             "Plugins": [],
             "HttpCompressionEnabled": True,
-            "StableAge": 1,
             "JobsHistorySize": 1000,
         }
         self.config.update(config)

@@ -344,3 +344,15 @@ def test_ctrl_c_exits_130_and_resumes(make_server, source, tmp_path, capsys) -> 
     code, out, err = run(capsys, args(source, target, save))
     assert code == 0, err
     assert target.md5s() == source.md5s()
+
+
+def test_benchmark_smoke(tmp_path) -> None:
+    """The benchmark at seconds scale, so that it cannot rot: every copy in it is checked by
+    MD5 and it must print its table."""
+    import benchmark
+    lines = benchmark.run(["mixed", "tiny", "big"], 1, "smoke", tmp_path / "work",
+                          tmp_path / "cache")
+    table = [line for line in lines if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["---", "mixed", "tiny", "big"]
+    assert any(line.startswith("tiny re-run with nothing to copy") and "0 POSTs" in line
+               for line in lines)

@@ -105,7 +105,7 @@ def test_batches_without_zip_upload_are_single() -> None:
 
 
 def test_batch_size() -> None:
-    assert Batch("archive", "S", _instances(1, 2, 3)).size == 6
+    assert Batch("archive", _instances(1, 2, 3)).size == 6
 
 
 # ---- small helpers --------------------------------------------------------------------------
