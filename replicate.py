@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import io
+import json
 import logging
 import os
 import random
@@ -64,6 +65,16 @@ LISTING_PAGE = 2000
 # Below this share of the source (1/20) the details of missing instances are asked one by one;
 # above it one paged listing is cheaper.
 DETAIL_ONE_BY_ONE_RATIO = 20
+# Resource levels as the change log names them -> their REST path.
+LEVEL_PATHS = {"Patient": "patients", "Study": "studies", "Series": "series",
+               "Instance": "instances"}
+# Metadata Orthanc itself writes (read-only through REST); everything else is the user's.
+SYSTEM_METADATA = frozenset([
+    "IndexInSeries", "ReceptionDate", "RemoteAET", "ModifiedFrom", "AnonymizedFrom",
+    "LastUpdate", "Origin", "TransferSyntax", "SopClassUid", "RemoteIP", "CalledAET",
+    "HttpUsername", "PixelDataOffset", "MainDicomTagsSignature", "PixelDataVR"])
+USER_MIN = 1024
+CHANGES_PAGE = 1000
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 
@@ -147,6 +158,14 @@ class Config:
     prompt: bool = True
     tls_verify: Any = True  # True, False (--insecure) or the path of a CA bundle
     verify: bool = False
+    dry_run: bool = False
+    query: dict[str, str] = field(default_factory=dict)
+    studies: list[str] = field(default_factory=list)
+    bwlimit: Optional[float] = None  # bytes per second
+    metadata: bool = True
+    report: Optional[Path] = None
+    follow: bool = False
+    poll: float = 2.0
 
 
 class Instance:
@@ -219,6 +238,19 @@ class Outcome:
     studies_completed: int = 0
     verified: Optional[int] = None  # instances --verify compared, None without --verify
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
+    metadata_written: int = 0
+    metadata_problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, other: "Outcome") -> None:
+        """Count a --follow cycle into the run's totals."""
+        self.copied += other.copied
+        self.copied_bytes += other.copied_bytes
+        self.already += other.already
+        self.vanished += other.vanished
+        self.failed.extend(other.failed)
+        self.interrupted |= other.interrupted
+        self.stopped_on_failure |= other.stopped_on_failure
+        self.studies_completed += other.studies_completed
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -232,6 +264,35 @@ def format_bytes(count: float) -> str:
 
 def format_count(count: int) -> str:
     return f"{count:,}"
+
+
+RATE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+
+
+def parse_rate(text: str) -> float:
+    """Bytes per second from `10M`, `512K`, `1.5G` or `2000` (binary units, as in rclone)."""
+    cleaned = text.strip().upper().removesuffix("/S").removesuffix("B")
+    unit = cleaned[-1:] if cleaned[-1:] in ("K", "M", "G") else ""
+    try:
+        value = float(cleaned[:len(cleaned) - len(unit)])
+    except ValueError:
+        raise UsageError(f"--bwlimit {text!r} is not a rate; write it like 512K, 10M or 1G"
+                         ) from None
+    if not value > 0:
+        raise UsageError(f"--bwlimit {text!r} must be more than 0")
+    return value * RATE_UNITS[unit]
+
+
+def parse_query(items: list[str]) -> dict[str, str]:
+    """`--query TAG=VALUE` options into an Orthanc find query."""
+    query: dict[str, str] = {}
+    for item in items:
+        tag, equals, value = item.partition("=")
+        if not equals or not tag.strip() or not value:
+            raise UsageError(f"--query {item!r} must look like TAG=VALUE, e.g. "
+                             "StudyDate=20200101-20201231")
+        query[tag.strip()] = value
+    return query
 
 
 def parse_url(text: str, role: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -575,15 +636,15 @@ def parallel_map(function: Callable[[str], T], items: list[str], threads: int) -
         yield from pool.map(function, items)
 
 
-def fetch_details(source: OrthancClient, wanted: set, total: int, level: str,
+def fetch_details(source: OrthancClient, wanted: set, total: Optional[int], level: str,
                   threads: int, read: Callable[[dict], T],
                   advance: Callable[[int], None] = lambda count: None) -> dict[str, T]:
     """Details of the `wanted` resources of a level: one paged expanded listing when they are
     many, one request each when they are few. Paging on SQLite is unstable while the server
     receives data, so whatever the pages missed is asked for one by one afterwards; a resource
-    gone by then (404) is left out."""
+    gone by then (404) is left out. `total` None: always one by one."""
     found: dict[str, T] = {}
-    if len(wanted) * DETAIL_ONE_BY_ONE_RATIO > total:
+    if total is not None and len(wanted) * DETAIL_ONE_BY_ONE_RATIO > total:
         since = 0
         while True:
             page = source.get(f"/{level}?expand&since={since}&limit={LISTING_PAGE}")
@@ -641,6 +702,117 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int,
     return plan
 
 
+def select_studies(source: OrthancClient, query: dict[str, str], studies: list[str]) -> list[str]:
+    """Study IDs of the selection: those matching every --query tag, plus each --study."""
+    selected: list[str] = []
+    if query:
+        selected = source.json("POST", "/tools/find", json={
+            "Level": "Study", "Query": query, "Expand": False})
+    for study in studies:
+        try:
+            source.get(f"/studies/{study}")
+        except HttpStatusError as error:
+            if error.status == 404:
+                raise UsageError(f"--study {study}: no such study on the source (give the "
+                                 "Orthanc study ID)") from None
+            raise
+        if study not in selected:
+            selected.append(study)
+    return selected
+
+
+def scan_selection(source: OrthancClient, target: OrthancClient, studies: list[str],
+                   threads: int) -> Plan:
+    """Like scan, for selected studies only: one request per study for their instances."""
+    target_ids = set(target.get("/instances"))
+
+    def instances_of(study: str) -> list[dict]:
+        try:
+            return source.get(f"/studies/{study}/instances")
+        except HttpStatusError as error:
+            if error.status == 404:  # deleted since it was selected
+                return []
+            raise
+    source_ids: list[str] = []
+    details: dict[str, tuple[int, str]] = {}
+    series_study: dict[str, str] = {}
+    for study, records in zip(studies, parallel_map(instances_of, studies, threads)):
+        for record in records:
+            source_ids.append(record["ID"])
+            details[record["ID"]] = (int(record["FileSize"]), record["ParentSeries"])
+            series_study[record["ParentSeries"]] = study
+    total = sum(size for size, _ in details.values())
+    plan = plan_copy(source_ids, target_ids, details, series_study, total, len(studies))
+    plan.listed_studies, plan.source_ids = studies, source_ids
+    return plan
+
+
+def read_changes(source: OrthancClient, since: int) -> tuple[list[dict], int]:
+    """Every change after `since`, and the position of the last one."""
+    changes: list[dict] = []
+    position = since
+    while True:
+        page = source.get(f"/changes?since={position}&limit={CHANGES_PAGE}")
+        changes.extend(page.get("Changes", []))
+        position = max([position, int(page.get("Last", position))] +
+                       [int(change["Seq"]) for change in page.get("Changes", [])])
+        if page.get("Done", True) or not page.get("Changes"):
+            return changes, position
+
+
+def metadata_candidates(changes: list[dict]) -> set[tuple[str, str]]:
+    """Resources whose metadata or attachments were written through the API (Orthanc logs
+    those writes as UpdatedMetadata and UpdatedAttachment; system metadata are not logged)."""
+    return {(change["ResourceType"], change["ID"]) for change in changes
+            if change.get("ChangeType") in ("UpdatedMetadata", "UpdatedAttachment")
+            and change.get("ResourceType") in LEVEL_PATHS}
+
+
+def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
+                  resource: str) -> tuple[int, list[str]]:
+    """Copy a resource's user metadata and user attachments (index 1024-65535) where the
+    target's differ. Returns (items written, problems). A resource missing on either side is
+    skipped: a missing instance is already reported as a failed copy."""
+    path = f"/{LEVEL_PATHS[level]}/{resource}"
+    try:
+        wanted = source.get(path + "/metadata?expand")
+        present = target.get(path + "/metadata?expand")
+        attachments = source.get(path + "/attachments?full")
+    except HttpStatusError as error:
+        if error.status == 404:
+            return 0, []
+        raise
+    written, problems = 0, []
+    for name, value in wanted.items():
+        if name in SYSTEM_METADATA or present.get(name) == value:
+            continue
+        try:
+            target.send("PUT", f"{path}/metadata/{name}", data=value.encode("utf-8"))
+            written += 1
+        except HttpStatusError as error:
+            problems.append(f"metadata {name!r} of {level.lower()} {resource}: {error} (does "
+                            "the target declare it in UserMetadata?)")
+    for name, content_type in attachments.items():
+        if int(content_type) < USER_MIN:
+            continue
+        expected = source.text(f"{path}/attachments/{name}/md5")
+        try:
+            found: Optional[str] = target.text(f"{path}/attachments/{content_type}/md5")
+        except HttpStatusError as error:
+            if error.status != 404:
+                raise
+            found = None
+        if found == expected:
+            continue
+        data = source.send("GET", f"{path}/attachments/{name}/data").content
+        try:
+            target.send("PUT", f"{path}/attachments/{content_type}", data=data)
+            written += 1
+        except HttpStatusError as error:
+            problems.append(f"attachment {name!r} of {level.lower()} {resource}: {error}")
+    return written, problems
+
+
 def verify_copy(source: OrthancClient, target: OrthancClient, instance_ids: list[str],
                 threads: int, progress: "Progress") -> tuple[int, int, list[tuple[str, str]]]:
     """Compare the MD5 that each server stored for every instance (no file is downloaded).
@@ -674,7 +846,9 @@ class Journal:
 
     First line: `replicate.py save file 1<TAB>source=URL<TAB>target=URL` (URLs without
     credentials). Then `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time` for each study found
-    complete on the target, with what this run sent of it. A torn last line (a crash while writing) is dropped on open. The
+    complete on the target, with what this run sent of it; `meta<TAB>Level<TAB>ID` for each
+    resource whose user metadata or attachments changed on the source; `changes<TAB>SEQ`, the
+    position in the source's change log up to which those were read. A torn last line (a crash while writing) is dropped on open. The
     journal is a record of progress: the target's own listing decides what is copied.
     """
 
@@ -682,9 +856,12 @@ class Journal:
         self.path = path
         self.header = f"{SAVE_MAGIC}\tsource={source_url}\ttarget={target_url}"
         self.studies: dict[str, int] = {}
+        self.position: Optional[int] = None  # the source's change log read up to here
+        self.candidates: set[tuple[str, str]] = set()  # resources with user metadata changes
         self.file: Optional[io.TextIOWrapper] = None
 
-    def open(self) -> "Journal":
+    def open(self, read_only: bool = False) -> "Journal":
+        """Read and check the save file; unless `read_only` (--dry-run), open it to append."""
         existing = b""
         try:
             existing = self.path.read_bytes()
@@ -694,6 +871,8 @@ class Journal:
             raise UsageError(f"cannot read save file {self.path}: {error.strerror}; "
                              "choose another --save") from error
         keep = self._parse(existing)
+        if read_only:
+            return self
         try:
             self.file = open(self.path, "a+b" if keep else "wb")  # noqa: SIM115
             if keep < len(existing):
@@ -729,7 +908,11 @@ class Journal:
                 kind, *values = raw.decode("utf-8").split("\t")
                 if kind == "study" and len(values) >= 2:
                     self.studies[values[0]] = int(values[1])
-                elif kind not in ("study", "seq"):
+                elif kind == "changes" and len(values) == 1:
+                    self.position = int(values[0])
+                elif kind == "meta" and len(values) == 2 and values[0] in LEVEL_PATHS:
+                    self.candidates.add((values[0], values[1]))
+                else:
                     raise ValueError(kind)
             except (UnicodeDecodeError, ValueError):
                 raise UsageError(f"{self.path} line {number} is corrupt; fix or remove that "
@@ -739,10 +922,20 @@ class Journal:
         return len(data) - len(torn)
 
     def _write(self, line: str) -> None:
-        assert self.file is not None
+        if self.file is None:  # read-only (dry run)
+            return
         self.file.write(line + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
+
+    def changes_read(self, position: int, candidates: Iterable[tuple[str, str]]) -> None:
+        """Record new metadata candidates, then the change log position they were read to."""
+        for level, resource in sorted(set(candidates) - self.candidates):
+            self._write(f"meta\t{level}\t{resource}")
+            self.candidates.add((level, resource))
+        if position != self.position:
+            self._write(f"changes\t{position}")
+            self.position = position
 
     def study_done(self, study: str, instances: int, size: int) -> None:
         self.studies[study] = instances
@@ -756,12 +949,34 @@ class Journal:
 
 
 # ---- the transfer engine --------------------------------------------------------------------
-class StreamBody:
-    """The body of a download as a file-like object with a length, so requests uploads it with
-    a Content-Length, in blocks, without holding it. Stops promptly when asked to."""
+class RateLimiter:
+    """Paces bytes to `rate` per second across all workers together. Each block is given the
+    next free slot of the shared timeline (virtual scheduling), so the flow is smooth rather
+    than bursty; at most `burst` seconds of idleness are made up for. The clock and the sleep
+    are injected so tests need no real time."""
 
-    def __init__(self, response: requests.Response, length: int, stop: threading.Event) -> None:
-        self.response, self.length, self.stop = response, length, stop
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Any] = time.sleep, burst: float = 0.05) -> None:
+        self.rate, self.clock, self.sleep, self.burst = rate, clock, sleep, burst
+        self.next_free = clock()
+        self.lock = threading.Lock()
+
+    def take(self, count: int) -> None:
+        with self.lock:
+            now = self.clock()
+            start = max(self.next_free, now - self.burst)
+            self.next_free = start + count / self.rate
+        if start > now:
+            self.sleep(start - now)
+
+
+class UploadBody:
+    """A request body read in blocks with a known length (so requests sends a Content-Length
+    and never holds it whole), paced by the rate limiter, stopping promptly when asked to."""
+
+    def __init__(self, read: Callable[[int], bytes], length: int, stop: threading.Event,
+                 limiter: Optional[RateLimiter] = None) -> None:
+        self._read, self.length, self.stop, self.limiter = read, length, stop, limiter
         self.sent = 0
 
     def __len__(self) -> int:
@@ -772,11 +987,13 @@ class StreamBody:
             raise Interrupted()
         if size is None or size < 0:
             size = CHUNK_SIZE
-        data = self.response.raw.read(min(size, max(self.length - self.sent, 0)) or 0)
+        data = self._read(min(size, max(self.length - self.sent, 0)))
         self.sent += len(data)
         if not data and self.sent < self.length:
             raise TruncatedDownload(f"the source's answer ended after {self.sent} of "
                                     f"{self.length} bytes")
+        if self.limiter is not None and data:
+            self.limiter.take(len(data))
         return data
 
 
@@ -784,8 +1001,9 @@ class Copier:
     """Moves batches from source to target. Runs in worker threads and only returns results."""
 
     def __init__(self, source: OrthancClient, target: OrthancClient, policy: RetryPolicy,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, limiter: Optional[RateLimiter] = None) -> None:
         self.source, self.target, self.policy, self.stop = source, target, policy, stop
+        self.limiter = limiter
 
     def copy(self, batch: Batch) -> BatchResult:
         if batch.mode == "single":
@@ -857,14 +1075,20 @@ class Copier:
             encoding = download.headers.get("Content-Encoding", "identity").lower()
             length = download.headers.get("Content-Length")
             if encoding == "identity" and length is not None:
-                body: Any = StreamBody(download, int(length), self.stop)
-            else:
-                body = download.iter_content(CHUNK_SIZE)  # decoded; sent chunked
+                body: Any = UploadBody(download.raw.read, int(length), self.stop, self.limiter)
+            else:  # a server that compresses anyway: decode, send chunked
+                body = self.paced(download.iter_content(CHUNK_SIZE))
             upload = self.target.send("POST", "/instances", data=body,
                                       headers={"Content-Type": "application/dicom"})
             return upload.json()
         finally:
             download.close()
+
+    def paced(self, blocks: Iterable[bytes]) -> Iterator[bytes]:
+        for block in blocks:
+            if self.limiter is not None:
+                self.limiter.take(len(block))
+            yield block
 
     def upload_zip(self, batch: Batch) -> dict[str, str]:
         """Send a batch as one ZIP; return instance ID -> Status from the target's answer."""
@@ -881,7 +1105,10 @@ class Copier:
                     data = self.source.send("GET", f"/instances/{instance_id}/file").content
                     bundle.writestr(f"{instance_id}.dcm", data)
             archive = buffer.getvalue()
-        answer = self.target.send("POST", "/instances", data=archive,
+        body: Any = archive
+        if self.limiter is not None:
+            body = UploadBody(io.BytesIO(archive).read, len(archive), self.stop, self.limiter)
+        answer = self.target.send("POST", "/instances", data=body,
                                   headers={"Content-Type": "application/zip"}).json()
         records = answer if isinstance(answer, list) else [answer]
         return {record["ID"]: record.get("Status", "") for record in records
@@ -1071,6 +1298,31 @@ def _setup_argparser() -> ArgumentParser:
     run.add_argument("--verify", action="store_true",
                      help="after copying, compare every instance's stored MD5 on both servers "
                           "and name each one missing or different (default: off)")
+    run.add_argument("-n", "--dry-run", action="store_true",
+                     help="plan and print what would be copied; write nothing to the target or "
+                          "the save file (default: off)")
+    run.add_argument("--bwlimit", metavar="RATE", default=None,
+                     help="total bytes per second sent to the target across all threads, like "
+                          "512K, 10M, 1G (binary units) (default: no limit)")
+    run.add_argument("--no-metadata", action="store_true",
+                     help="do not copy user metadata and user attachments (index 1024-65535) "
+                          "(default: copy them)")
+    run.add_argument("--follow", action="store_true",
+                     help="after the copy, keep copying what arrives on the source, until "
+                          "Ctrl-C (default: off)")
+    run.add_argument("--poll", type=positive_float, default=2.0, metavar="SECONDS",
+                     help="with --follow, seconds between looks at the source's change log "
+                          "(default: 2)")
+    select = parser.add_argument_group("selection (default: everything)")
+    select.add_argument("--query", action="append", default=[], metavar="TAG=VALUE",
+                        help="only studies matching this study-level tag, in Orthanc's find "
+                             "syntax (StudyDate=20200101-20201231, ModalitiesInStudy=CT, "
+                             "PatientName=DOE*); repeat to require several")
+    select.add_argument("--study", action="append", default=[], metavar="ID",
+                        help="this study too (Orthanc study ID); repeatable")
+    output_report = parser.add_argument_group("report")
+    output_report.add_argument("--report", metavar="FILE", default=None,
+                               help="write a JSON summary of the run to FILE (default: none)")
     tls = parser.add_argument_group("https")
     tls.add_argument("--ca-bundle", metavar="FILE", default=None,
                      help="PEM file of the certificate authorities to trust (default: the "
@@ -1120,7 +1372,15 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
         if args.ca_bundle:
             raise UsageError("--insecure and --ca-bundle contradict each other; choose one")
         tls_verify = False
+    report = Path(args.report) if args.report else None
+    if report is not None and not os.access(report.parent if str(report.parent) else ".",
+                                            os.W_OK):
+        raise UsageError(f"--report {report}: cannot write in that folder")
     return Config(source=source, target=target, save=Path(args.save), threads=args.threads,
+                  dry_run=args.dry_run, query=parse_query(args.query), studies=args.study,
+                  bwlimit=parse_rate(args.bwlimit) if args.bwlimit else None,
+                  metadata=not args.no_metadata, report=report, follow=args.follow,
+                  poll=args.poll,
                   ignore_errors=args.ignore_errors,
                   policy=RetryPolicy(retries=args.retries, timeout=args.timeout),
                   quiet=args.quiet, verbose=args.verbose, prompt=not args.no_prompt,
@@ -1153,14 +1413,18 @@ def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> Orthan
     return client
 
 
-def summary_lines(plan: Plan, outcome: Outcome, elapsed: float) -> list[str]:
+def summary_lines(plan: Optional[Plan], outcome: Outcome, elapsed: float) -> list[str]:
     rate = outcome.copied_bytes / elapsed if elapsed > 0 else 0
+    present = plan.present if plan else 0
     lines = [
         f"Copied:        {format_count(outcome.copied)} instances, "
         f"{format_bytes(outcome.copied_bytes)} ({format_bytes(rate)}/s)",
-        f"Already there: {format_count(plan.present + outcome.already)} instances",
+        f"Already there: {format_count(present + outcome.already)} instances",
         f"Failed:        {format_count(len(outcome.failed))} instances",
     ]
+    if outcome.metadata_written or outcome.metadata_problems:
+        lines.append(f"Metadata:      {format_count(outcome.metadata_written)} items copied, "
+                     f"{format_count(len(outcome.metadata_problems))} problems")
     if outcome.verified is not None:
         lines.append(f"Verified:      {format_count(outcome.verified)} instances, "
                      f"{format_count(len(outcome.verify_problems))} missing or different")
@@ -1171,51 +1435,213 @@ def summary_lines(plan: Plan, outcome: Outcome, elapsed: float) -> list[str]:
     return lines
 
 
+def plan_lines(plan: Plan, selected: bool) -> list[str]:
+    studies = len(plan.studies)
+    return [
+        f"Studies {'selected' if selected else 'found'} on the source: "
+        f"{format_count(plan.source_studies)}",
+        f"Source holds:  {format_count(plan.source_instances)} instances, "
+        f"{format_bytes(plan.source_bytes)}",
+        f"On the target: {format_count(plan.present)} of them already, "
+        f"{format_bytes(max(plan.source_bytes - plan.missing_bytes, 0))}",
+        f"To transfer:   {format_count(plan.missing)} instances in {format_count(studies)} "
+        f"{'study' if studies == 1 else 'studies'}, {format_bytes(plan.missing_bytes)}",
+    ]
+
+
+class Run:
+    """One invocation: the two servers, the save file, and what happened so far."""
+
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self.config, self.stop = config, stop
+        self.say: Callable[[str], None] = (lambda text: None) if config.quiet else \
+            (lambda text: print(text, flush=True))
+        self.progress = Progress(not config.quiet and sys.stderr.isatty())
+        self.outcome = Outcome()
+        self.plan: Optional[Plan] = None
+        self.selected: Optional[list[str]] = None
+
+    def execute(self) -> None:
+        config = self.config
+        self.source = source = connect(config.source, config, self.stop)
+        self.target = target = connect(config.target, config, self.stop)
+        self.journal = journal = Journal(config.save, config.source.url,
+                                         config.target.url).open(read_only=config.dry_run)
+        limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
+        self.copier = Copier(source, target, config.policy, self.stop, limiter)
+        try:
+            self.say(f"Source:        {config.source.url} (Orthanc {source.version})")
+            self.say(f"Target:        {config.target.url} (Orthanc {target.version})")
+            if journal.studies:
+                self.say(f"Save file:     {config.save}: {format_count(len(journal.studies))} "
+                         "studies completed by earlier runs")
+            if config.query or config.studies:
+                self.selected = select_studies(source, config.query, config.studies)
+            # Read before the listings: whatever arrives later is in the change log after it.
+            follow_from = int(source.get("/changes?last").get("Last", 0)) if config.follow else 0
+            if self.selected is None:
+                self.plan = plan = scan(source, target, config.threads, self.progress)
+            else:
+                self.plan = plan = scan_selection(source, target, self.selected, config.threads)
+            for line in plan_lines(plan, self.selected is not None):
+                self.say(line)
+            if config.dry_run:
+                self.say("Dry run:       nothing was written to the target or the save file")
+                return
+            self.outcome = outcome = run_transfer(config, plan, self.copier, journal,
+                                                  self.progress, self.stop)
+            if outcome.interrupted:
+                return
+            if not outcome.failed:
+                for study in plan.listed_studies:
+                    if study not in journal.studies and study not in plan.studies:
+                        journal.study_done(study, 0, 0)
+            if config.metadata:
+                self.copy_metadata(journal.position or 0)
+            if config.verify:
+                checked, gone, outcome.verify_problems = verify_copy(
+                    source, target, plan.source_ids, config.threads, self.progress)
+                outcome.verified, outcome.vanished = checked, outcome.vanished + gone
+            if config.follow and not (outcome.failed and not config.ignore_errors):
+                self.follow(follow_from, set(plan.source_ids))
+        except KeyboardInterrupt:
+            self.outcome.interrupted = True
+            self.stop.set()
+        finally:
+            journal.close()
+            source.close()
+            target.close()
+
+    def in_selection(self, level: str, resource: str) -> bool:
+        if self.selected is None:
+            return True
+        try:
+            if level == "Study":
+                return resource in self.selected
+            if level == "Patient":
+                studies = self.source.get(f"/patients/{resource}")["Studies"]
+                return bool(set(studies) & set(self.selected))
+            record = self.source.get(f"/{LEVEL_PATHS[level]}/{resource}/study")
+            return record["ID"] in self.selected
+        except HttpStatusError as error:
+            if error.status == 404:
+                return False
+            raise
+
+    def copy_metadata(self, since: int, extra: Iterable[tuple[str, str]] = ()) -> None:
+        """Bring the change log up to date, then sync every resource known to carry user
+        metadata or attachments. The candidates are saved before the position, so a crash in
+        between costs a re-read, never a miss."""
+        changes, position = read_changes(self.source, since)
+        fresh = metadata_candidates(changes) | set(extra)
+        self.journal.changes_read(position, fresh)
+        candidates = sorted(candidate for candidate in self.journal.candidates
+                            if self.in_selection(*candidate))
+
+        def one(candidate: tuple[str, str]) -> tuple[int, list[str]]:
+            return call_with_retries(lambda: sync_metadata(self.source, self.target, *candidate),
+                                     f"metadata of {candidate[0].lower()} {candidate[1]}",
+                                     self.config.policy, self.stop)
+        for (level, resource), (written, problems) in zip(
+                candidates, parallel_map(one, candidates, self.config.threads)):
+            self.outcome.metadata_written += written
+            for problem in problems:
+                self.outcome.metadata_problems.append((resource, problem))
+                log.error("metadata failed: %s", problem)
+
+    def follow(self, position: int, known: set[str]) -> None:
+        """Copy what arrives on the source until Ctrl-C, polling its change log."""
+        config, outcome = self.config, self.outcome
+        log.info("following the source's changes from position %d (Ctrl-C stops)", position)
+        while not self.stop.wait(config.poll):
+            changes, last = read_changes(self.source, position)
+            arrived = [change["ID"] for change in changes
+                       if change.get("ChangeType") == "NewInstance" and change["ID"] not in known]
+            known.clear()  # only the first poll can repeat what the first pass copied
+            if arrived:
+                if config.query:
+                    self.selected = select_studies(self.source, config.query, config.studies)
+                details = fetch_details(self.source, set(arrived), None, "instances",
+                                        config.threads, lambda r: (int(r["FileSize"]),
+                                                                   r["ParentSeries"]))
+                series = {detail[1] for detail in details.values()}
+                series_study = fetch_details(self.source, series, None, "series", config.threads,
+                                             lambda record: record["ParentStudy"])
+                plan = plan_copy(arrived, set(), details, series_study, 0, 0)
+                if self.selected is not None:
+                    chosen = set(self.selected)
+                    plan.studies = {study: instances for study, instances in plan.studies.items()
+                                    if study in chosen}
+                cycle = run_transfer(config, plan, self.copier, self.journal, Progress(False),
+                                     self.stop)
+                outcome.add(cycle)
+                if cycle.copied or cycle.failed:
+                    log.info("%s: copied %d new instances (%s), %d failed",
+                             time.strftime("%H:%M:%S"), cycle.copied,
+                             format_bytes(cycle.copied_bytes), len(cycle.failed))
+                if cycle.interrupted or (cycle.failed and not config.ignore_errors):
+                    return
+            if config.metadata:
+                self.copy_metadata(position)
+            else:
+                self.journal.changes_read(last, ())
+            position = last
+
+
+def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int) -> None:
+    """The JSON record of a run, written whole (through a temporary file) at its end."""
+    outcome, plan = run.outcome, run.plan
+    report = {
+        "tool": f"replicate.py {__version__}",
+        "source": config.source.url,
+        "target": config.target.url,
+        "exit_status": code,
+        "copied": outcome.copied,
+        "skipped": (plan.present if plan else 0) + outcome.already,
+        "failed": [{"id": instance, "reason": reason} for instance, reason in outcome.failed],
+        "bytes": outcome.copied_bytes,
+        "seconds": round(elapsed, 3),
+        "planned": {"instances": plan.missing, "bytes": plan.missing_bytes,
+                    "source_instances": plan.source_instances} if plan else None,
+        "vanished": outcome.vanished,
+        "interrupted": outcome.interrupted,
+        "metadata": {"written": outcome.metadata_written,
+                     "problems": [{"id": resource, "reason": reason}
+                                  for resource, reason in outcome.metadata_problems]},
+        "verified": outcome.verified,
+        "verify_problems": [{"id": instance, "reason": reason}
+                            for instance, reason in outcome.verify_problems],
+        "options": {
+            "threads": config.threads, "retries": config.policy.retries,
+            "timeout": config.policy.timeout, "bwlimit": config.bwlimit,
+            "ignore_errors": config.ignore_errors, "dry_run": config.dry_run,
+            "verify": config.verify, "follow": config.follow, "metadata": config.metadata,
+            "query": config.query, "studies": config.studies, "save": str(config.save),
+            "tls_verify": config.tls_verify if config.tls_verify is not True else True,
+        },
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def replicate(config: Config, stop: threading.Event) -> int:
     started = time.monotonic()
-    say = (lambda text: None) if config.quiet else (lambda text: print(text, flush=True))
-    source = connect(config.source, config, stop)
-    target = connect(config.target, config, stop)
-    journal = Journal(config.save, config.source.url, config.target.url).open()
+    run = Run(config, stop)
     try:
-        say(f"Source:        {config.source.url} (Orthanc {source.version})")
-        say(f"Target:        {config.target.url} (Orthanc {target.version})")
-        if journal.studies:
-            say(f"Save file:     {config.save}: {format_count(len(journal.studies))} studies "
-                "completed by earlier runs")
-        progress = Progress(not config.quiet and sys.stderr.isatty())
-        plan = scan(source, target, config.threads, progress)
-        say(f"Studies found on the source: {format_count(plan.source_studies)}")
-        say(f"Source holds:  {format_count(plan.source_instances)} instances, "
-            f"{format_bytes(plan.source_bytes)}")
-        say(f"On the target: {format_count(plan.present)} of them already, "
-            f"{format_bytes(max(plan.source_bytes - plan.missing_bytes, 0))}")
-        say(f"To transfer:   {format_count(plan.missing)} instances in "
-            f"{format_count(len(plan.studies))} "
-            f"{'study' if len(plan.studies) == 1 else 'studies'}, {format_bytes(plan.missing_bytes)}")
-        copier = Copier(source, target, config.policy, stop)
-        outcome = run_transfer(config, plan, copier, journal, progress, stop)
-        if not (outcome.interrupted or outcome.failed):
-            for study in plan.listed_studies:
-                if study not in journal.studies and study not in plan.studies:
-                    journal.study_done(study, 0, 0)
-        if config.verify and not outcome.interrupted:
-            checked, gone, outcome.verify_problems = verify_copy(
-                source, target, plan.source_ids, config.threads, progress)
-            outcome.verified, outcome.vanished = checked, outcome.vanished + gone
+        run.execute()
     finally:
-        journal.close()
-        source.close()
-        target.close()
-    for line in summary_lines(plan, outcome, time.monotonic() - started):
+        elapsed = time.monotonic() - started
+    outcome = run.outcome
+    for line in summary_lines(run.plan, outcome, elapsed):
         print(line, flush=True)
+    for instance_id, problem in outcome.verify_problems:
+        log.error("verify failed: instance %s: %s", instance_id, problem)
     if outcome.interrupted:
         log.error("interrupted: %d instances copied; run the same command again to resume",
                   outcome.copied)
-        return EXIT_INTERRUPTED
-    for instance_id, problem in outcome.verify_problems:
-        log.error("verify failed: instance %s: %s", instance_id, problem)
-    if outcome.failed:
+        code = EXIT_INTERRUPTED
+    elif outcome.failed or outcome.verify_problems or outcome.metadata_problems:
         if outcome.stopped_on_failure and not config.ignore_errors:
             instance_id, reason = outcome.failed[0]
             log.error("stopped at the first failure: instance %s: %s (--ignore-errors goes on)",
@@ -1224,7 +1650,16 @@ def replicate(config: Config, stop: threading.Event) -> int:
             log.error("%d instances failed:", len(outcome.failed))
             for instance_id, reason in outcome.failed:
                 log.error("  instance %s: %s", instance_id, reason)
-    return EXIT_FAILURES if outcome.failed or outcome.verify_problems else EXIT_OK
+        code = EXIT_FAILURES
+    else:
+        code = EXIT_OK
+    if config.report:
+        try:
+            write_report(config.report, config, run, elapsed, code)
+        except OSError as error:
+            log.error("replicate.py: cannot write report %s: %s", config.report, error.strerror)
+            code = code or EXIT_FAILURES
+    return code
 
 
 def main(argv: Optional[list[str]] = None) -> int:

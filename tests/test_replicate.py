@@ -71,7 +71,8 @@ def posts_seen(server: OrthancServer) -> int:
 
 
 def journal_studies(path: Path) -> list[str]:
-    return [line.split("\t")[1] for line in path.read_text().splitlines()[1:]]
+    return [line.split("\t")[1] for line in path.read_text().splitlines()[1:]
+            if line.startswith("study\t")]
 
 
 def instances_of_patient(server: OrthancServer, patient_id: str) -> set[str]:
