@@ -222,3 +222,109 @@ def test_journal_refuses_a_pickle_and_a_corrupt_line(tmp_path: Path) -> None:
                     "garbage\n" "study\ts1\t1\t1\tx\n")
     with pytest.raises(UsageError, match="line 2 is corrupt"):
         Journal(path, "http://a:1", "http://b:2").open()
+
+
+# ---- rates, queries and the rate limiter ----------------------------------------------------
+def test_parse_rate() -> None:
+    assert replicate.parse_rate("2000") == 2000
+    assert replicate.parse_rate("512K") == 512 * 1024
+    assert replicate.parse_rate("10M") == 10 * 1024 ** 2
+    assert replicate.parse_rate("1.5g") == 1.5 * 1024 ** 3
+    assert replicate.parse_rate("10MB/s") == 10 * 1024 ** 2
+    for bad in ("fast", "10X", "", "-1M", "0"):
+        with pytest.raises(UsageError):
+            replicate.parse_rate(bad)
+
+
+def test_parse_query() -> None:
+    assert replicate.parse_query(["StudyDate=20200101-20201231", "ModalitiesInStudy=CT"]) == \
+        {"StudyDate": "20200101-20201231", "ModalitiesInStudy": "CT"}
+    for bad in ("StudyDate", "=CT", "Modality="):
+        with pytest.raises(UsageError):
+            replicate.parse_query([bad])
+
+
+class FakeClock:
+    """Time that passes only when somebody sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_rate_limiter_paces_blocks_evenly() -> None:
+    clock = FakeClock()
+    limiter = replicate.RateLimiter(1000, clock=clock, sleep=clock.sleep, burst=0)
+    for _ in range(10):
+        limiter.take(100)
+    # 1,000 bytes at 1,000 B/s: the first block goes at once, then one every 0.1 s
+    assert clock.sleeps == pytest.approx([0.1] * 9)
+    assert clock.now - 100.0 == pytest.approx(0.9)
+
+
+def test_rate_limiter_is_shared_and_forgets_long_idleness() -> None:
+    clock = FakeClock()
+    limiter = replicate.RateLimiter(1000, clock=clock, sleep=clock.sleep, burst=0.05)
+    limiter.take(500)
+    limiter.take(500)  # a second worker: waits for the first one's share
+    assert clock.sleeps == pytest.approx([0.5])
+    clock.now += 60  # a minute of idleness buys at most `burst` seconds of credit
+    limiter.take(1000)
+    limiter.take(1000)
+    assert clock.sleeps[-1] == pytest.approx(0.95)
+
+
+def test_upload_body_reads_in_blocks_through_the_limiter() -> None:
+    import io
+    clock = FakeClock()
+    limiter = replicate.RateLimiter(1000, clock=clock, sleep=clock.sleep, burst=0)
+    body = replicate.UploadBody(io.BytesIO(b"x" * 2500).read, 2500, threading.Event(), limiter)
+    assert len(body) == 2500
+    blocks = [body.read(1000) for _ in range(4)]
+    assert [len(block) for block in blocks] == [1000, 1000, 500, 0]
+    assert sum(clock.sleeps) == pytest.approx(2.0)
+
+
+def test_upload_body_notices_a_short_source() -> None:
+    import io
+    body = replicate.UploadBody(io.BytesIO(b"x" * 10).read, 20, threading.Event())
+    body.read(100)
+    with pytest.raises(replicate.TruncatedDownload):
+        body.read(100)
+
+
+def test_metadata_candidates_from_the_change_log() -> None:
+    changes = [
+        {"ChangeType": "NewInstance", "ResourceType": "Instance", "ID": "i1", "Seq": 1},
+        {"ChangeType": "UpdatedMetadata", "ResourceType": "Instance", "ID": "i1", "Seq": 2},
+        {"ChangeType": "UpdatedAttachment", "ResourceType": "Study", "ID": "s1", "Seq": 3},
+        {"ChangeType": "StableStudy", "ResourceType": "Study", "ID": "s1", "Seq": 4},
+    ]
+    assert replicate.metadata_candidates(changes) == {("Instance", "i1"), ("Study", "s1")}
+
+
+def test_journal_keeps_the_change_position_and_candidates(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    journal.changes_read(40, [("Study", "s1")])
+    journal.changes_read(45, [("Study", "s1"), ("Instance", "i9")])
+    journal.close()
+    again = Journal(path, "http://a:1", "http://b:2").open(read_only=True)
+    assert again.position == 45
+    assert again.candidates == {("Study", "s1"), ("Instance", "i9")}
+    assert path.read_text().count("meta\t") == 2
+
+
+def test_read_only_journal_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a:1", "http://b:2").open(read_only=True)
+    journal.study_done("s1", 1, 1)
+    journal.close()
+    assert not path.exists()

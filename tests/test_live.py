@@ -1,0 +1,181 @@
+"""Live migration and selection against real Orthanc servers: --dry-run, --query/--study,
+--bwlimit, user metadata and attachments, --report and --follow."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dicomgen import write_corpus
+from orthanc import OrthancServer
+from test_replicate import (COUNT_POSTS_LUA, CORPUS_SIZE, SCRIPT, args, instances_of_patient,
+                            journal_studies, lua, posts_seen, run, summary_value, wait_for)
+
+
+def test_dry_run_writes_nothing(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "count", COUNT_POSTS_LUA)])
+    save = tmp_path / "save"
+    code, out, err = run(capsys, args(source, target, save, "--dry-run"))
+    assert code == 0, err
+    assert summary_value(out, "To transfer:") == CORPUS_SIZE
+    assert "Dry run" in out
+    assert target.instances() == set() and posts_seen(target) == 0
+    assert not save.exists()
+
+
+def test_selection_by_query_and_study(make_server, target, tmp_path, capsys) -> None:
+    source = make_server("SOURCE")
+    old = source.upload(write_corpus(tmp_path / "old", 2, 1, 3, prefix="O",
+                                     study_date="20190615"))
+    new = source.upload(write_corpus(tmp_path / "new", 2, 1, 3, prefix="N",
+                                     study_date="20200615"))
+    save = tmp_path / "save"
+    code, out, err = run(capsys, args(source, target, save, "--query",
+                                      "StudyDate=20200101-20201231", "--verify"))
+    assert code == 0, err
+    assert target.instances() == set(new)
+    assert summary_value(out, "Studies selected on the source:") == 2
+    assert "Verified:      6 instances, 0 missing or different" in out
+
+    # --study adds one study of 2019; wildcards work on other tags
+    one_old = source.get(f"/instances/{old[0]}/study")["ID"]
+    code, out, err = run(capsys, args(source, target, save, "--study", one_old))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == 3
+    assert target.instances() == set(new) | instances_of_patient(source, "O00000")
+    code, out, err = run(capsys, args(source, target, save, "--query", "PatientID=O*"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == 3 and target.instances() == source.instances()
+
+    code, out, err = run(capsys, args(source, target, save, "--study", "no-such-study"))
+    assert code == 2 and "--study no-such-study" in err
+
+
+def test_bwlimit_holds_the_rate(source, target, tmp_path, capsys) -> None:
+    size = int(source.get("/statistics")["TotalUncompressedSize"])
+    started = time.monotonic()
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--bwlimit", "2M"))
+    elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert target.md5s() == source.md5s()
+    # a lower bound only: a busy machine can make it slower, never faster than the limit
+    assert elapsed >= size / (2 * 1024 ** 2) - 0.1, (elapsed, size)
+
+
+METADATA_CONFIG = {"UserMetadata": {"Sample": 1024}, "UserContentType": {"report": 1025}}
+
+
+def put(server: OrthancServer, path: str, data: bytes) -> None:
+    server.session.put(server.url + path, data=data, timeout=60).raise_for_status()
+
+
+def test_user_metadata_and_attachments_travel(make_server, corpus, tmp_path, capsys) -> None:
+    source = make_server("SOURCE", **METADATA_CONFIG)
+    instance = source.upload(corpus[:4])[0]
+    series = source.get(f"/instances/{instance}")["ParentSeries"]
+    study = source.get(f"/series/{series}")["ParentStudy"]
+    patient = source.get(f"/studies/{study}")["ParentPatient"]
+    put(source, f"/instances/{instance}/metadata/Sample", b"instance value")
+    put(source, f"/series/{series}/metadata/2000", b"series value")
+    put(source, f"/studies/{study}/attachments/report", b"%PDF-1.4 a report")
+    put(source, f"/patients/{patient}/attachments/3000", b"numbered attachment")
+    target = make_server("TARGET", **METADATA_CONFIG)
+    save = tmp_path / "save"
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0, err
+    assert target.session.get(f"{target.url}/instances/{instance}/metadata/Sample").text == \
+        "instance value"
+    assert target.session.get(f"{target.url}/series/{series}/metadata/2000").text == \
+        "series value"
+    assert target.session.get(f"{target.url}/studies/{study}/attachments/report/data"
+                              ).content == b"%PDF-1.4 a report"
+    assert target.session.get(f"{target.url}/patients/{patient}/attachments/3000/data"
+                              ).content == b"numbered attachment"
+    assert summary_value(out, "Metadata:") == 4
+    # system metadata stay the target's own
+    assert target.get(f"/instances/{instance}/metadata?expand")["Origin"] == "RestApi"
+
+    # a re-run writes nothing; a changed value on the source is copied again
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0 and "Metadata:" not in out
+    put(source, f"/instances/{instance}/metadata/Sample", b"changed")
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0 and summary_value(out, "Metadata:") == 1
+    assert target.session.get(f"{target.url}/instances/{instance}/metadata/Sample").text == \
+        "changed"
+
+    # --no-metadata copies the instances alone
+    bare = make_server("BARE", **METADATA_CONFIG)
+    code, out, err = run(capsys, args(source, bare, tmp_path / "bare", "--no-metadata"))
+    assert code == 0 and bare.instances() == source.instances()
+    assert bare.session.get(f"{bare.url}/instances/{instance}/metadata/Sample").status_code \
+        == 404
+
+
+def test_metadata_the_target_does_not_declare_is_a_failure(make_server, corpus, tmp_path,
+                                                           capsys) -> None:
+    source = make_server("SOURCE", **METADATA_CONFIG)
+    instance = source.upload(corpus[:2])[0]
+    put(source, f"/instances/{instance}/metadata/Sample", b"value")
+    target = make_server("TARGET")
+    code, out, err = run(capsys, args(source, target, tmp_path / "save"))
+    assert code == 1
+    assert "metadata 'Sample'" in err and "UserMetadata" in err
+
+
+def test_report(make_server, source, tmp_path, capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "refuse", """
+function ReceivedInstanceFilter(dicom, origin, info)
+  return dicom.PatientID ~= "S00001"
+end
+""")])
+    report = tmp_path / "report.json"
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--ignore-errors",
+                                      "--report", str(report), "--threads", "3"))
+    assert code == 1
+    data = json.loads(report.read_text())
+    assert data["copied"] == CORPUS_SIZE - 8 and data["skipped"] == 0
+    assert {entry["id"] for entry in data["failed"]} == instances_of_patient(source, "S00001")
+    assert all("FilteredOut" in entry["reason"] for entry in data["failed"])
+    assert data["bytes"] > 0 and isinstance(data["seconds"], float)
+    assert data["source"] == source.url and data["target"] == target.url
+    assert data["options"]["threads"] == 3 and data["options"]["ignore_errors"] is True
+    assert data["exit_status"] == 1
+    assert "password" not in report.read_text()
+
+
+def test_follow_copies_new_arrivals_and_resumes(source, target, tmp_path) -> None:
+    save = tmp_path / "save"
+    command = [sys.executable, SCRIPT, *args(source, target, save, "--follow", "--poll", "0.3")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_for(lambda: len(target.instances()) == CORPUS_SIZE)
+        arrived = source.upload(write_corpus(tmp_path / "live", 1, 1, 3, prefix="F"))
+        wait_for(lambda: set(arrived) <= target.instances(), seconds=20)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE + 3
+    position = [line for line in save.read_text().splitlines() if line.startswith("changes\t")]
+    assert position, save.read_text()
+
+    # stopped: one more arrives; a restarted --follow takes it, sending nothing else again
+    late = source.upload(write_corpus(tmp_path / "late", 1, 1, 1, prefix="G"))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_for(lambda: set(late) <= target.instances(), seconds=20)
+        time.sleep(1)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert summary_value(out, "Copied:") == 1
+    assert target.md5s() == source.md5s()
+    assert len(journal_studies(save)) >= 6
