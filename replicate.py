@@ -51,8 +51,8 @@ EXIT_INTERRUPTED = 130
 
 SAVE_MAGIC = "replicate.py save file 1"
 STORED_STATUSES = ("Success", "AlreadyStored")
-# Instances up to this size travel in ZIP archives that the source builds (POST /tools/create-archive):
-# one request for hundreds of them. The source deflates those archives, which costs more CPU than
+# Instances up to this size travel in ZIP archives that the source builds
+# (POST /tools/create-archive): one request for hundreds of them. The source deflates those archives, which costs more CPU than
 # it saves above a few tens of KB, so larger instances are fetched one by one instead.
 ARCHIVE_MAX_INSTANCE = 32 * 1024
 # Instances from this size up are streamed alone, from the source's answer straight into the
@@ -296,7 +296,8 @@ def parse_query(items: list[str]) -> dict[str, str]:
 
 
 def parse_url(text: str, role: str) -> tuple[str, Optional[str], Optional[str]]:
-    """Split an Orthanc URL into (url without credentials, user, password); UsageError if malformed."""
+    """Split an Orthanc URL into (url without credentials, user, password); UsageError if
+    malformed."""
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https"):
         raise UsageError(f"{role} URL {redact_url(text)!r} must start with http:// or https://")
@@ -466,6 +467,16 @@ def require_framing(response: requests.Response) -> None:
         raise TruncatedDownload("an answer was cut inside its headers")
 
 
+def unless_missing(action: Callable[[], T]) -> Optional[T]:
+    """The action's result, or None when the server answered 404 (the resource is not there)."""
+    try:
+        return action()
+    except HttpStatusError as error:
+        if error.status == 404:
+            return None
+        raise
+
+
 def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
                       stop: threading.Event) -> T:
     """Run `action`, retrying retryable errors with backoff; GaveUp chains the last cause."""
@@ -527,7 +538,8 @@ class OrthancClient:
                 session.close()
             self._sessions.clear()
 
-    def send(self, method: str, path: str, stream: bool = False, **kwargs: Any) -> requests.Response:
+    def send(self, method: str, path: str, stream: bool = False,
+             **kwargs: Any) -> requests.Response:
         """One request, no retry; raises HttpStatusError on an error status."""
         timeout = (min(10.0, self.policy.timeout), self.policy.timeout)
         response = self.session().request(method, self.endpoint.url + path, timeout=timeout,
@@ -563,12 +575,7 @@ class OrthancClient:
     def md5(self, instance_id: str) -> Optional[str]:
         """The MD5 Orthanc stored for the instance's DICOM file (of the uncompressed file,
         whatever StorageCompression says), or None when the instance is not there."""
-        try:
-            return self.text(f"/instances/{instance_id}/attachments/dicom/md5")
-        except HttpStatusError as error:
-            if error.status == 404:
-                return None
-            raise
+        return unless_missing(lambda: self.text(f"/instances/{instance_id}/attachments/dicom/md5"))
 
     def check(self) -> dict:
         """GET /system, turning every way it can fail into a one-line ServerError. Resets,
@@ -659,12 +666,7 @@ def fetch_details(source: OrthancClient, wanted: set, total: Optional[int], leve
     rest = [resource for resource in wanted if resource not in found]
 
     def one(resource: str) -> Optional[dict]:
-        try:
-            return source.get(f"/{level}/{resource}")
-        except HttpStatusError as error:
-            if error.status == 404:
-                return None
-            raise
+        return unless_missing(lambda: source.get(f"/{level}/{resource}"))
     for resource, record in zip(rest, parallel_map(one, rest, threads)):
         if record is not None:
             found[resource] = read(record)
@@ -726,13 +728,8 @@ def scan_selection(source: OrthancClient, target: OrthancClient, studies: list[s
     """Like scan, for selected studies only: one request per study for their instances."""
     target_ids = set(target.get("/instances"))
 
-    def instances_of(study: str) -> list[dict]:
-        try:
-            return source.get(f"/studies/{study}/instances")
-        except HttpStatusError as error:
-            if error.status == 404:  # deleted since it was selected
-                return []
-            raise
+    def instances_of(study: str) -> list[dict]:  # none if deleted since it was selected
+        return unless_missing(lambda: source.get(f"/studies/{study}/instances")) or []
     source_ids: list[str] = []
     details: dict[str, tuple[int, str]] = {}
     series_study: dict[str, str] = {}
@@ -796,12 +793,7 @@ def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
         if int(content_type) < USER_MIN:
             continue
         expected = source.text(f"{path}/attachments/{name}/md5")
-        try:
-            found: Optional[str] = target.text(f"{path}/attachments/{content_type}/md5")
-        except HttpStatusError as error:
-            if error.status != 404:
-                raise
-            found = None
+        found = unless_missing(lambda: target.text(f"{path}/attachments/{content_type}/md5"))
         if found == expected:
             continue
         data = source.send("GET", f"{path}/attachments/{name}/data").content
@@ -848,8 +840,9 @@ class Journal:
     credentials). Then `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time` for each study found
     complete on the target, with what this run sent of it; `meta<TAB>Level<TAB>ID` for each
     resource whose user metadata or attachments changed on the source; `changes<TAB>SEQ`, the
-    position in the source's change log up to which those were read. A torn last line (a crash while writing) is dropped on open. The
-    journal is a record of progress: the target's own listing decides what is copied.
+    position in the source's change log up to which those were read. A torn last line (a
+    crash while writing) is dropped on open. The journal is a record of progress: the target's
+    own listing decides what is copied.
     """
 
     def __init__(self, path: Path, source_url: str, target_url: str) -> None:
@@ -1280,7 +1273,8 @@ def _setup_argparser() -> ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", help="source Orthanc, http(s)://[user:password@]host:port[/prefix]")
+    parser.add_argument("source",
+                        help="source Orthanc, http(s)://[user:password@]host:port[/prefix]")
     parser.add_argument("target", help="target Orthanc, same form")
     run = parser.add_argument_group("run")
     run.add_argument("--save", default="studies.list", metavar="FILE",

@@ -207,6 +207,7 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
     deep = scale == "smoke"
     rerun = None
     planning = None
+    unchanged = 0
     for kind in corpora:
         files = generate(kind, scale, cache)
         source = OrthancServer(work / f"source-{kind}", "SOURCE").start()
@@ -228,6 +229,7 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                 check_copy(source, target, deep)
                 if kind == "tiny" and rerun is None:
                     rerun = rerun_nothing(source, target, save, work)
+                    unchanged = plan_cost(source, target)[0]
                     empty = fresh_target(work, "plan")
                     planning = plan_cost(source, empty)
                     discard(empty)
@@ -261,6 +263,8 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
         requests_made, peak, instances = planning
         lines.append(f"planning a full copy of tiny: {requests_made} requests, peak traced "
                      f"memory {peak / instances:.0f} bytes per instance ({instances:,} instances)")
+        lines.append(f"planning with nothing to copy: {unchanged} requests for both servers "
+                     "together, whatever the corpus size")
     return lines
 
 
