@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import requests
+import requests.adapters
 
 __version__ = "1.0.0"
 
@@ -502,6 +503,15 @@ def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
 
 
 # ---- the Orthanc client ---------------------------------------------------------------------
+class BlockAdapter(requests.adapters.HTTPAdapter):
+    """Sends request bodies in blocks of CHUNK_SIZE rather than http.client's 16 KiB default:
+    a 200 MB upload then takes 200 reads and writes instead of 12,800."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["blocksize"] = CHUNK_SIZE
+        super().init_poolmanager(*args, **kwargs)
+
+
 class OrthancClient:
     """One server. Each thread gets its own keep-alive requests session."""
 
@@ -527,6 +537,9 @@ class OrthancClient:
             session.headers["User-Agent"] = f"replicate.py/{__version__}"
             session.trust_env = False
             session.verify = self.tls_verify
+            adapter = BlockAdapter(pool_maxsize=2)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
