@@ -62,6 +62,7 @@ STREAM_MIN_INSTANCE = 2 * 1024 * 1024
 BATCH_MAX_INSTANCES = 200
 BATCH_MAX_BYTES = 4 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
+PACED_BLOCK = 64 * 1024
 LISTING_PAGE = 2000
 # Below this share of the source (1/20) the details of missing instances are asked one by one;
 # above it one paged listing is cheaper.
@@ -993,6 +994,8 @@ class UploadBody:
             raise Interrupted()
         if size is None or size < 0:
             size = CHUNK_SIZE
+        if self.limiter is not None:
+            size = min(size, PACED_BLOCK)  # small blocks keep a limited flow smooth
         data = self._read(min(size, max(self.length - self.sent, 0)))
         self.sent += len(data)
         if not data and self.sent < self.length:
