@@ -76,7 +76,7 @@ SYSTEM_METADATA = frozenset([
     "LastUpdate", "Origin", "TransferSyntax", "SopClassUid", "RemoteIP", "CalledAET",
     "HttpUsername", "PixelDataOffset", "MainDicomTagsSignature", "PixelDataVR"])
 USER_MIN = 1024
-CHANGES_PAGE = 1000
+CHANGES_PAGE = 10000
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 
@@ -1302,7 +1302,7 @@ def _setup_argparser() -> ArgumentParser:
                           "(default: stop at the first)")
     run.add_argument("--retries", type=non_negative_int, default=8, metavar="N",
                      help="retries of a request after a connection error, timeout, 429 or 5xx, "
-                          "with backoff up to 15 s (default: 8, about a minute)")
+                          "with backoff up to 15 s (default: 8: 48 to 60 s of waiting)")
     run.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                      help="seconds to wait for a server's answer (default: 60)")
     run.add_argument("--verify", action="store_true",
