@@ -1228,24 +1228,17 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
 
 
 # ---- argument parsing -----------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type for whole numbers of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
+        return value
+    return parse
 
 
 def positive_float(text: str) -> float:
@@ -1295,12 +1288,12 @@ def _setup_argparser() -> ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--save", default="studies.list", metavar="FILE",
                      help="save file that records progress (default: studies.list)")
-    run.add_argument("--threads", type=positive_int, default=4, metavar="N",
+    run.add_argument("--threads", type=whole_number(1), default=4, metavar="N",
                      help="parallel transfers (default: 4)")
     run.add_argument("--ignore-errors", action="store_true",
                      help="go on after a failed instance and list failures at the end "
                           "(default: stop at the first)")
-    run.add_argument("--retries", type=non_negative_int, default=8, metavar="N",
+    run.add_argument("--retries", type=whole_number(0), default=8, metavar="N",
                      help="retries of a request after a connection error, timeout, 429 or 5xx, "
                           "with backoff up to 15 s (default: 8: 48 to 60 s of waiting)")
     run.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
@@ -68,6 +67,3 @@ def write_corpus(folder: Path, studies: int, series: int, instances: int,
                 paths.append(path)
     return paths
 
-
-def iter_files(folder: Path) -> Iterator[Path]:
-    return iter(sorted(folder.glob("*.dcm")))
