@@ -1641,8 +1641,9 @@ def replicate(config: Config, stop: threading.Event) -> int:
     for instance_id, problem in outcome.verify_problems:
         log.error("verify failed: instance %s: %s", instance_id, problem)
     if outcome.interrupted:
-        log.error("interrupted: %d instances copied; run the same command again to resume",
-                  outcome.copied)
+        log.error("%s: %d instances copied; run the same command again to %s",
+                  "stopped following" if config.follow else "interrupted", outcome.copied,
+                  "follow on" if config.follow else "resume")
         code = EXIT_INTERRUPTED
     elif outcome.failed or outcome.verify_problems or outcome.metadata_problems:
         if outcome.stopped_on_failure and not config.ignore_errors:

@@ -161,6 +161,7 @@ def test_follow_copies_new_arrivals_and_resumes(source, target, tmp_path) -> Non
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
+    assert "stopped following" in err and "Traceback" not in err
     assert summary_value(out, "Copied:") == CORPUS_SIZE + 3
     position = [line for line in save.read_text().splitlines() if line.startswith("changes\t")]
     assert position, save.read_text()
