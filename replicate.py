@@ -886,7 +886,7 @@ class Journal:
                 self.file.truncate(keep)
             self.file = io.TextIOWrapper(self.file, encoding="utf-8", newline="\n")
             if not keep:
-                self._write(self.header)
+                self._write([self.header])
         except OSError as error:
             raise UsageError(f"cannot write save file {self.path}: {error.strerror}; "
                              "choose another --save") from error
@@ -928,26 +928,29 @@ class Journal:
             log.debug("save file: dropping a torn last line of %d bytes", len(torn))
         return len(data) - len(torn)
 
-    def _write(self, line: str) -> None:
-        if self.file is None:  # read-only (dry run)
+    def _write(self, lines: list[str]) -> None:
+        """Append whole lines, then flush and fsync once for all of them."""
+        if self.file is None or not lines:  # read-only (dry run), or nothing to say
             return
-        self.file.write(line + "\n")
+        self.file.write("".join(line + "\n" for line in lines))
         self.file.flush()
         os.fsync(self.file.fileno())
 
     def changes_read(self, position: int, candidates: Iterable[tuple[str, str]]) -> None:
         """Record new metadata candidates, then the change log position they were read to."""
-        for level, resource in sorted(set(candidates) - self.candidates):
-            self._write(f"meta\t{level}\t{resource}")
-            self.candidates.add((level, resource))
+        fresh = sorted(set(candidates) - self.candidates)
+        self._write([f"meta\t{level}\t{resource}" for level, resource in fresh])
+        self.candidates.update(fresh)
         if position != self.position:
-            self._write(f"changes\t{position}")
+            self._write([f"changes\t{position}"])
             self.position = position
 
-    def study_done(self, study: str, instances: int, size: int) -> None:
-        self.studies[study] = instances
-        self._write(f"study\t{study}\t{instances}\t{size}\t"
-                    f"{time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    def studies_done(self, records: list[tuple[str, int, int]]) -> None:
+        """Record studies complete on the target: (study ID, instances sent, bytes sent)."""
+        now = time.strftime('%Y-%m-%dT%H:%M:%S')
+        self._write([f"study\t{study}\t{instances}\t{size}\t{now}"
+                     for study, instances, size in records])
+        self.studies.update((study, instances) for study, instances, _ in records)
 
     def close(self) -> None:
         if self.file is not None:
@@ -1202,13 +1205,15 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
                     log.error("copy failed: instance %s (study %s): %s", instance.id,
                               instance.study, reason)
                 study_failed.update(instance.study for instance, _ in result.failed)
+                complete = []
                 for instance in batch.instances:
                     study = instance.study
                     study_left[study] -= 1
                     if study_left[study] == 0 and study not in study_failed:
-                        journal.study_done(study, len(plan.studies[study]),
-                                           sum(i.size for i in plan.studies[study]))
-                        outcome.studies_completed += 1
+                        complete.append((study, len(plan.studies[study]),
+                                         sum(i.size for i in plan.studies[study])))
+                journal.studies_done(complete)
+                outcome.studies_completed += len(complete)
                 finished = outcome.copied + outcome.already + len(outcome.failed)
                 progress.advance(landed, f"{format_count(finished)}/{format_count(total)} "
                                          "instances")
@@ -1496,9 +1501,9 @@ class Run:
             if outcome.interrupted:
                 return
             if not outcome.failed:
-                for study in plan.listed_studies:
-                    if study not in journal.studies and study not in plan.studies:
-                        journal.study_done(study, 0, 0)
+                journal.studies_done([(study, 0, 0) for study in plan.listed_studies
+                                      if study not in journal.studies
+                                      and study not in plan.studies])
             if config.metadata:
                 self.copy_metadata(journal.position or 0)
             if config.verify:

@@ -180,8 +180,8 @@ def test_client_errors_are_not_retried() -> None:
 def test_journal_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open()
-    journal.study_done("s1", 3, 300)
-    journal.study_done("s2", 1, 10)
+    journal.studies_done([("s1", 3, 300)])
+    journal.studies_done([("s2", 1, 10)])
     journal.close()
     first = path.read_text().splitlines()[0]
     assert first == "replicate.py save file 1\tsource=http://a:1\ttarget=http://b:2"
@@ -193,13 +193,13 @@ def test_journal_round_trip(tmp_path: Path) -> None:
 def test_journal_drops_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open()
-    journal.study_done("s1", 3, 300)
+    journal.studies_done([("s1", 3, 300)])
     journal.close()
     with open(path, "a") as file:
         file.write("study\ts2\t4")  # a crash in the middle of a line
     journal = Journal(path, "http://a:1", "http://b:2").open()
     assert journal.studies == {"s1": 3}
-    journal.study_done("s3", 2, 20)
+    journal.studies_done([("s3", 2, 20)])
     journal.close()
     assert path.read_text().splitlines()[1:] == [
         line for line in path.read_text().splitlines()[1:] if line.startswith("study\ts")]
@@ -325,6 +325,6 @@ def test_journal_keeps_the_change_position_and_candidates(tmp_path: Path) -> Non
 def test_read_only_journal_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open(read_only=True)
-    journal.study_done("s1", 1, 1)
+    journal.studies_done([("s1", 1, 1)])
     journal.close()
     assert not path.exists()
