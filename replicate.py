@@ -53,8 +53,9 @@ EXIT_INTERRUPTED = 130
 SAVE_MAGIC = "replicate.py save file 1"
 STORED_STATUSES = ("Success", "AlreadyStored")
 # Instances up to this size travel in ZIP archives that the source builds
-# (POST /tools/create-archive): one request for hundreds of them. The source deflates those archives, which costs more CPU than
-# it saves above a few tens of KB, so larger instances are fetched one by one instead.
+# (POST /tools/create-archive): one request for hundreds of them. The source deflates those
+# archives, which costs more CPU than it saves above a few tens of KB, so larger instances are
+# fetched one by one instead.
 ARCHIVE_MAX_INSTANCE = 32 * 1024
 # Instances from this size up are streamed alone, from the source's answer straight into the
 # target's request, so memory does not grow with their size.
@@ -237,7 +238,6 @@ class Outcome:
     failed: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
     stopped_on_failure: bool = False
-    studies_completed: int = 0
     verified: Optional[int] = None  # instances --verify compared, None without --verify
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
     metadata_written: int = 0
@@ -252,7 +252,6 @@ class Outcome:
         self.failed.extend(other.failed)
         self.interrupted |= other.interrupted
         self.stopped_on_failure |= other.stopped_on_failure
-        self.studies_completed += other.studies_completed
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -589,7 +588,8 @@ class OrthancClient:
     def md5(self, instance_id: str) -> Optional[str]:
         """The MD5 Orthanc stored for the instance's DICOM file (of the uncompressed file,
         whatever StorageCompression says), or None when the instance is not there."""
-        return unless_missing(lambda: self.text(f"/instances/{instance_id}/attachments/dicom/md5"))
+        path = f"/instances/{instance_id}/attachments/dicom/md5"
+        return unless_missing(lambda: self.text(path))
 
     def check(self) -> dict:
         """GET /system, turning every way it can fail into a one-line ServerError. Resets,
@@ -691,6 +691,7 @@ def fetch_details(source: OrthancClient, wanted: set, total: Optional[int], leve
 def scan(source: OrthancClient, target: OrthancClient, threads: int,
          progress: Optional["Progress"] = None) -> Plan:
     """List both servers (one request each) and describe only what the target lacks."""
+    progress = progress or Progress(False)
     statistics = source.get("/statistics")
     listed_studies = source.get("/studies")  # before the instances: see Plan.listed_studies
     source_ids = source.get("/instances")
@@ -701,12 +702,12 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int,
     if missing:
         log.debug("scan: %d instances missing on the target, asking for their details",
                   len(missing))
-        if progress:
-            progress.start(len(missing), "scanning")
-        details = fetch_details(source, missing, len(source_ids), "instances", threads,
-                                lambda record: (int(record["FileSize"]), record["ParentSeries"]),
-                                progress.advance if progress else lambda count: None)
-        if progress:
+        progress.start(len(missing), "scanning")
+        try:
+            details = fetch_details(source, missing, len(source_ids), "instances", threads,
+                                    lambda record: (int(record["FileSize"]),
+                                                    record["ParentSeries"]), progress.advance)
+        finally:
             progress.finish()
         series = {detail[1] for detail in details.values()}
         series_study = fetch_details(source, series, int(statistics.get("CountSeries", 0)),
@@ -1213,7 +1214,6 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
                         complete.append((study, len(plan.studies[study]),
                                          sum(i.size for i in plan.studies[study])))
                 journal.studies_done(complete)
-                outcome.studies_completed += len(complete)
                 finished = outcome.copied + outcome.already + len(outcome.failed)
                 progress.advance(landed, f"{format_count(finished)}/{format_count(total)} "
                                          "instances")

@@ -6,7 +6,6 @@ import fcntl
 import os
 import pty
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 from faultproxy import Fault, FaultProxy, cycling
 from orthanc import PASSWORD, USER, OrthancServer
-from test_replicate import (CORPUS_SIZE, REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
+from test_replicate import (REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
                             slow_lua, summary_value, wait_for)
 
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from dicomgen import write_corpus
 from orthanc import OrthancServer
