@@ -162,6 +162,13 @@ def fresh_target(work: Path, name: str, **config: object) -> OrthancServer:
     return OrthancServer(work / f"{name}-{time.monotonic_ns()}", "TARGET", **config).start()
 
 
+def settle() -> None:
+    """Write back what earlier steps left in the page cache (a loaded corpus, a discarded
+    target) so that neither contender pays for the other's disk writes."""
+    os.sync()
+    time.sleep(1)
+
+
 def discard(server: OrthancServer) -> None:
     server.kill()  # a graceful stop takes seconds and the folder goes anyway
     shutil.rmtree(server.folder, ignore_errors=True)
@@ -218,11 +225,13 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                               int(statistics["TotalUncompressedSize"]))
             for _ in range(repeat):
                 target = fresh_target(work, "push")
+                settle()
                 measure.push.append(push(source, target, kind in PUSH_PER_STUDY))
                 check_copy(source, target, deep)
                 discard(target)
                 target = fresh_target(work, "ours")
                 save = target.folder / "save"
+                settle()
                 elapsed, rss, _ = ours(source, target, save)
                 measure.ours.append(elapsed)
                 measure.rss_kb.append(rss)
