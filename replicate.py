@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -78,6 +79,7 @@ SYSTEM_METADATA = frozenset([
     "HttpUsername", "PixelDataOffset", "MainDicomTagsSignature", "PixelDataVR"])
 USER_MIN = 1024
 CHANGES_PAGE = 10000
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 
@@ -726,16 +728,25 @@ def select_studies(source: OrthancClient, query: dict[str, str], studies: list[s
         selected = source.json("POST", "/tools/find", json={
             "Level": "Study", "Query": query, "Expand": False})
     for study in studies:
-        try:
-            source.get(f"/studies/{study}")
-        except HttpStatusError as error:
-            if error.status == 404:
-                raise UsageError(f"--study {study}: no such study on the source (give the "
-                                 "Orthanc study ID)") from None
-            raise
-        if study not in selected:
-            selected.append(study)
+        for found in find_study(source, study):
+            if found not in selected:
+                selected.append(found)
     return selected
+
+
+def find_study(source: OrthancClient, study: str) -> list[str]:
+    """The Orthanc IDs a --study value names: itself, or the studies with that StudyInstanceUID
+    (one per patient that has it)."""
+    if ORTHANC_ID.fullmatch(study):
+        if unless_missing(lambda: source.get(f"/studies/{study}")) is not None:
+            return [study]
+    else:
+        found = source.json("POST", "/tools/lookup", data=study.encode())
+        ids = [record["ID"] for record in found if record.get("Type") == "Study"]
+        if ids:
+            return ids
+    raise UsageError(f"--study {study}: no such study on the source (give an Orthanc study ID "
+                     "or a StudyInstanceUID)")
 
 
 def scan_selection(source: OrthancClient, target: OrthancClient, studies: list[str],
@@ -1327,7 +1338,7 @@ def _setup_argparser() -> ArgumentParser:
                              "syntax (StudyDate=20200101-20201231, ModalitiesInStudy=CT, "
                              "PatientName=DOE*); repeat to require several")
     select.add_argument("--study", action="append", default=[], metavar="ID",
-                        help="this study too (Orthanc study ID); repeatable")
+                        help="this study too (Orthanc study ID or StudyInstanceUID); repeatable")
     output_report = parser.add_argument_group("report")
     output_report.add_argument("--report", metavar="FILE", default=None,
                                help="write a JSON summary of the run to FILE (default: none)")

@@ -52,6 +52,19 @@ def test_selection_by_query_and_study(make_server, target, tmp_path, capsys) -> 
 
     code, out, err = run(capsys, args(source, target, save, "--study", "no-such-study"))
     assert code == 2 and "--study no-such-study" in err
+    code, out, err = run(capsys, args(source, target, save, "--study", "1.2.3.999"))
+    assert code == 2 and "--study 1.2.3.999: no such study" in err
+
+
+def test_study_by_its_uid(make_server, target, tmp_path, capsys) -> None:
+    source = make_server("SOURCE")
+    source.upload(write_corpus(tmp_path / "corpus", 3, 1, 2))
+    studies = source.get("/studies")
+    uid = source.get(f"/studies/{studies[1]}")["MainDicomTags"]["StudyInstanceUID"]
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--study", uid))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == 2
+    assert target.get("/studies") == [studies[1]]
 
 
 def test_bwlimit_holds_the_rate(source, target, tmp_path, capsys) -> None:
