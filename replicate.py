@@ -770,25 +770,36 @@ def scan_selection(source: OrthancClient, target: OrthancClient, studies: list[s
     return plan
 
 
-def read_changes(source: OrthancClient, since: int) -> tuple[list[dict], int]:
-    """Every change after `since`, and the position of the last one."""
+def read_changes(source: OrthancClient, since: int,
+                 wanted: Callable[[dict], bool]) -> tuple[list[dict], int]:
+    """The changes after `since` that `wanted` keeps, and the position of the last change.
+    Filtered page by page: a first run reads the whole log, several records per instance."""
     changes: list[dict] = []
     position = since
     while True:
         page = source.get(f"/changes?since={position}&limit={CHANGES_PAGE}")
-        changes.extend(page.get("Changes", []))
+        changes.extend(change for change in page.get("Changes", []) if wanted(change))
         position = max([position, int(page.get("Last", position))] +
                        [int(change["Seq"]) for change in page.get("Changes", [])])
         if page.get("Done", True) or not page.get("Changes"):
             return changes, position
 
 
+def is_metadata_change(change: dict) -> bool:
+    """Metadata or attachments written through the API (Orthanc logs those writes as
+    UpdatedMetadata and UpdatedAttachment; system metadata are not logged)."""
+    return (change.get("ChangeType") in ("UpdatedMetadata", "UpdatedAttachment")
+            and change.get("ResourceType") in LEVEL_PATHS)
+
+
+def is_new_instance(change: dict) -> bool:
+    return change.get("ChangeType") == "NewInstance"
+
+
 def metadata_candidates(changes: list[dict]) -> set[tuple[str, str]]:
-    """Resources whose metadata or attachments were written through the API (Orthanc logs
-    those writes as UpdatedMetadata and UpdatedAttachment; system metadata are not logged)."""
+    """The resources whose metadata or attachments the changes say were written."""
     return {(change["ResourceType"], change["ID"]) for change in changes
-            if change.get("ChangeType") in ("UpdatedMetadata", "UpdatedAttachment")
-            and change.get("ResourceType") in LEVEL_PATHS}
+            if is_metadata_change(change)}
 
 
 def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
@@ -1488,6 +1499,7 @@ class Run:
                                          config.target.url).open(read_only=config.dry_run)
         limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
         self.copier = Copier(source, target, config.policy, self.stop, limiter)
+        background = ThreadPoolExecutor(1, thread_name_prefix="changes")
         try:
             self.say(f"Source:        {config.source.url} (Orthanc {source.version})")
             self.say(f"Target:        {config.target.url} (Orthanc {target.version})")
@@ -1507,6 +1519,10 @@ class Run:
             if config.dry_run:
                 self.say("Dry run:       nothing was written to the target or the save file")
                 return
+            # The change log is read while the instances travel: on a first run it is several
+            # records per instance, all to be read before the metadata can be synced.
+            reading = background.submit(read_changes, source, journal.position or 0,
+                                        is_metadata_change) if config.metadata else None
             self.outcome = outcome = run_transfer(config, plan, self.copier, journal,
                                                   self.progress, self.stop)
             if outcome.interrupted:
@@ -1515,8 +1531,8 @@ class Run:
                 journal.studies_done([(study, 0, 0) for study in plan.listed_studies
                                       if study not in journal.studies
                                       and study not in plan.studies])
-            if config.metadata:
-                self.copy_metadata(journal.position or 0)
+            if reading is not None:
+                self.copy_metadata(*reading.result())
             if config.verify:
                 checked, gone, outcome.verify_problems = verify_copy(
                     source, target, plan.source_ids, config.threads, self.progress)
@@ -1527,6 +1543,7 @@ class Run:
             self.outcome.interrupted = True
             self.stop.set()
         finally:
+            background.shutdown(wait=False, cancel_futures=True)
             journal.close()
             source.close()
             target.close()
@@ -1547,13 +1564,11 @@ class Run:
                 return False
             raise
 
-    def copy_metadata(self, since: int, extra: Iterable[tuple[str, str]] = ()) -> None:
-        """Bring the change log up to date, then sync every resource known to carry user
-        metadata or attachments. The candidates are saved before the position, so a crash in
-        between costs a re-read, never a miss."""
-        changes, position = read_changes(self.source, since)
-        fresh = metadata_candidates(changes) | set(extra)
-        self.journal.changes_read(position, fresh)
+    def copy_metadata(self, changes: list[dict], position: int) -> None:
+        """Record the changes read up to `position`, then sync every resource known to carry
+        user metadata or attachments. The candidates are saved with the position, so a crash
+        before the sync costs nothing: they are synced by the next run."""
+        self.journal.changes_read(position, metadata_candidates(changes))
         candidates = sorted(candidate for candidate in self.journal.candidates
                             if self.in_selection(*candidate))
 
@@ -1573,9 +1588,10 @@ class Run:
         config, outcome = self.config, self.outcome
         log.info("following the source's changes from position %d (Ctrl-C stops)", position)
         while not self.stop.wait(config.poll):
-            changes, last = read_changes(self.source, position)
+            changes, last = read_changes(self.source, position, lambda change: (
+                is_new_instance(change) or (config.metadata and is_metadata_change(change))))
             arrived = [change["ID"] for change in changes
-                       if change.get("ChangeType") == "NewInstance" and change["ID"] not in known]
+                       if is_new_instance(change) and change["ID"] not in known]
             known.clear()  # only the first poll can repeat what the first pass copied
             if arrived:
                 if config.query:
@@ -1601,7 +1617,7 @@ class Run:
                 if cycle.interrupted or (cycle.failed and not config.ignore_errors):
                     return
             if config.metadata:
-                self.copy_metadata(position)
+                self.copy_metadata(changes, last)
             else:
                 self.journal.changes_read(last, ())
             position = last
