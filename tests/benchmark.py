@@ -113,7 +113,13 @@ def push(source: OrthancServer, target: OrthancServer, per_study: bool) -> float
         jobs.append(answer.json()["ID"])
     for job in jobs:
         while True:
-            state = source.get(f"/jobs/{job}")["State"]
+            # The server keeps only its last JobsHistorySize (default 10) finished jobs: a job
+            # no longer listed has finished, and check_copy tells whether the copy is whole.
+            answer = source.session.get(f"{source.url}/jobs/{job}", timeout=60)
+            if answer.status_code == 404:
+                break
+            answer.raise_for_status()
+            state = answer.json()["State"]
             if state == "Success":
                 break
             if state == "Failure":

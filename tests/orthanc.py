@@ -52,7 +52,6 @@ class OrthancServer:
             "RegisteredUsers": self.users,
             "Plugins": [],
             "HttpCompressionEnabled": True,
-            "JobsHistorySize": 1000,
         }
         self.config.update(config)
         self.process: Optional[subprocess.Popen] = None
