@@ -54,6 +54,16 @@ CORPORA = {
     },
 }
 PUSH_PER_STUDY = {"tiny"}  # one huge push job is pathologically slow; one job per study is fair
+FLOOR_CORPORA = {"tiny"}  # where the target's own ingestion decides the time
+
+
+@dataclass
+class Timing:
+    """One timed copy: wall seconds and the CPU seconds each process spent on it."""
+    seconds: float
+    source_cpu: float = 0.0
+    target_cpu: float = 0.0
+    client_cpu: float = 0.0
 
 
 @dataclass
@@ -61,9 +71,34 @@ class Measure:
     corpus: str
     instances: int = 0
     size: int = 0
-    push: list[float] = field(default_factory=list)
-    ours: list[float] = field(default_factory=list)
+    push: list[Timing] = field(default_factory=list)
+    ours: list[Timing] = field(default_factory=list)
+    floor: list[Timing] = field(default_factory=list)
     rss_kb: list[int] = field(default_factory=list)
+
+
+def best(timings: list[Timing]) -> Timing:
+    return min(timings, key=lambda timing: timing.seconds)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerClock:
+    """CPU seconds the source and the target spend between start() and stop()."""
+
+    def __init__(self, source: OrthancServer, target: OrthancServer) -> None:
+        self.pids = [server.process.pid for server in (source, target)]  # type: ignore[union-attr]
+        self.before = [cpu_seconds(pid) for pid in self.pids]
+        self.started = time.monotonic()
+
+    def stop(self, client_cpu: float = 0.0) -> Timing:
+        elapsed = time.monotonic() - self.started
+        used = [cpu_seconds(pid) - before for pid, before in zip(self.pids, self.before)]
+        return Timing(elapsed, used[0], used[1], client_cpu)
 
 
 def generate(kind: str, scale: str, cache: Path) -> list[Path]:
@@ -99,12 +134,12 @@ def load(server: OrthancServer, files: list[Path]) -> None:
     server.upload(large)
 
 
-def push(source: OrthancServer, target: OrthancServer, per_study: bool) -> float:
+def push(source: OrthancServer, target: OrthancServer, per_study: bool) -> Timing:
     source.session.put(f"{source.url}/peers/bench", json={
         "Url": target.url, "Username": USER, "Password": PASSWORD}, timeout=60).raise_for_status()
     studies = source.get("/studies")
     groups = [[study] for study in studies] if per_study else [studies]
-    started = time.monotonic()
+    clock = ServerClock(source, target)
     jobs = []
     for group in groups:
         answer = source.session.post(f"{source.url}/peers/bench/store", timeout=60, json={
@@ -125,33 +160,60 @@ def push(source: OrthancServer, target: OrthancServer, per_study: bool) -> float
             if state == "Failure":
                 raise RuntimeError(f"push job {job} failed")
             time.sleep(0.02)
-    return time.monotonic() - started
+    return clock.stop()
 
 
-def ours(source: OrthancServer, target: OrthancServer, save: Path) -> tuple[float, int, str]:
-    """Run replicate.py with default options; (seconds, peak RSS in KB, stdout).
+def floor(source: OrthancServer, target: OrthancServer) -> Timing:
+    """The target's own ingestion: the source's ZIPs of replicate.py's batch size, made in
+    advance, posted with as many threads as replicate.py uses. No copier can beat this."""
+    ids = source.get("/instances")
+    step = replicate.BATCH_MAX_INSTANCES
+    archives = [source.session.post(f"{source.url}/tools/create-archive", timeout=600,
+                                    json={"Resources": ids[start:start + step]}).content
+                for start in range(0, len(ids), step)]
+    local = threading.local()
+
+    def post(archive: bytes) -> None:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            local.session.auth = (USER, PASSWORD)
+            local.session.headers["Accept-Encoding"] = "identity"
+        local.session.post(f"{target.url}/instances", data=archive,
+                           timeout=600).raise_for_status()
+    settle()
+    clock = ServerClock(source, target)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(post, archives))
+    return clock.stop()
+
+
+def ours(source: OrthancServer, target: OrthancServer, save: Path) -> tuple[Timing, int, str]:
+    """Run replicate.py with default options; (timing, peak RSS in KB, stdout).
 
     The peak is the child's VmHWM, polled every 20 ms: it is a high-water mark of the child's
-    own memory, whereas wait4's ru_maxrss would start from this (much larger) parent's size."""
-    started = time.monotonic()
+    own memory, whereas wait4's ru_maxrss would start from this (much larger) parent's size.
+    Its CPU is read at the same polls (the last 20 ms may be missed)."""
+    clock = ServerClock(source, target)
     process = subprocess.Popen([sys.executable, SCRIPT, source.url, target.url, "--save",
                                 str(save), "-q", "--username", USER, "--password", PASSWORD],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
+    client_cpu = 0.0
     status = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     peak = max(peak, int(line.split()[1]))
-        except (OSError, ValueError):
+            client_cpu = cpu_seconds(process.pid)
+        except (OSError, ValueError, IndexError):
             pass
         time.sleep(0.02)
     out, err = process.communicate()
-    elapsed = time.monotonic() - started
+    timing = clock.stop(client_cpu)
     if process.returncode != 0:
         raise RuntimeError(f"replicate.py exited {process.returncode}: {err}")
-    return elapsed, peak, out
+    return timing, peak, out
 
 
 def check_copy(source: OrthancServer, target: OrthancServer, deep: bool) -> None:
@@ -238,8 +300,8 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                 target = fresh_target(work, "ours")
                 save = target.folder / "save"
                 settle()
-                elapsed, rss, _ = ours(source, target, save)
-                measure.ours.append(elapsed)
+                timing, rss, _ = ours(source, target, save)
+                measure.ours.append(timing)
                 measure.rss_kb.append(rss)
                 check_copy(source, target, deep)
                 if kind == "tiny" and rerun is None:
@@ -249,6 +311,11 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                     planning = plan_cost(source, empty)
                     discard(empty)
                 discard(target)
+                if kind in FLOOR_CORPORA:
+                    target = fresh_target(work, "floor")
+                    measure.floor.append(floor(source, target))
+                    check_copy(source, target, deep)
+                    discard(target)
             measures.append(measure)
         finally:
             discard(source)
@@ -260,21 +327,37 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                  "peak RSS |")
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for measure in measures:
-        best_push, best_ours = min(measure.push), min(measure.ours)
+        best_push, best_ours = best(measure.push), best(measure.ours)
         lines.append(f"| {measure.corpus} | {measure.instances:,} | "
-                     f"{replicate.format_bytes(measure.size)} | {best_push:.2f} s | "
-                     f"{best_ours:.2f} s | {best_ours / best_push:.2f} | "
+                     f"{replicate.format_bytes(measure.size)} | {best_push.seconds:.2f} s | "
+                     f"{best_ours.seconds:.2f} s | {best_ours.seconds / best_push.seconds:.2f} | "
                      f"{max(measure.rss_kb) / 1024:.0f} MB |")
     lines.append("")
     lines.append("all times: " + "; ".join(
-        f"{m.corpus} push {', '.join(f'{t:.2f}' for t in m.push)} / ours "
-        f"{', '.join(f'{t:.2f}' for t in m.ours)}" for m in measures))
+        f"{m.corpus} push {', '.join(f'{t.seconds:.2f}' for t in m.push)} / ours "
+        f"{', '.join(f'{t.seconds:.2f}' for t in m.ours)}" for m in measures))
+    lines.append("")
+    lines.append("where the time goes (best run of each; CPU seconds of each process):")
+    lines.append("")
+    lines.append("| corpus | run | wall | source CPU | target CPU | replicate.py CPU | "
+                 "wall / push |")
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for measure in measures:
+        push_seconds = best(measure.push).seconds
+        for name, timings in (("push", measure.push), ("replicate.py", measure.ours),
+                              ("target ingestion alone", measure.floor)):
+            if timings:
+                timing = best(timings)
+                lines.append(f"| {measure.corpus} | {name} | {timing.seconds:.2f} s | "
+                             f"{timing.source_cpu:.1f} | {timing.target_cpu:.1f} | "
+                             f"{timing.client_cpu:.1f} | {timing.seconds / push_seconds:.2f} |")
+    lines.append("")
     if rerun is not None and planning is not None:
         tiny = next(m for m in measures if m.corpus == "tiny")
         seconds, posts = rerun
         lines.append(f"tiny re-run with nothing to copy: {seconds:.2f} s = "
-                     f"{seconds / min(tiny.ours) * 100:.1f}% of a full copy, {posts} POSTs to the "
-                     "target")
+                     f"{seconds / best(tiny.ours).seconds * 100:.1f}% of a full copy, {posts} "
+                     "POSTs to the target")
         requests_made, peak, instances = planning
         lines.append(f"planning a full copy of tiny: {requests_made} requests, peak traced "
                      f"memory {peak / instances:.0f} bytes per instance ({instances:,} instances)")
@@ -293,9 +376,9 @@ def rerun_nothing(source: OrthancServer, target: OrthancServer, save: Path,
     target.stop()
     target.config["LuaScripts"] = [str(script)]
     target.start()
-    elapsed, _, _ = ours(source, target, save)
+    timing, _, _ = ours(source, target, save)
     posts = (target.folder / "orthanc.log").read_text().count("POST-SEEN")
-    return elapsed, posts
+    return timing.seconds, posts
 
 
 def main(argv: Optional[list[str]] = None) -> int:
