@@ -1315,8 +1315,8 @@ def _setup_argparser() -> ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--save", default="studies.list", metavar="FILE",
                      help="save file that records progress (default: studies.list)")
-    run.add_argument("--threads", type=whole_number(1), default=4, metavar="N",
-                     help="parallel transfers (default: 4)")
+    run.add_argument("--threads", type=whole_number(1), default=Config.threads, metavar="N",
+                     help=f"parallel transfers (default: {Config.threads})")
     run.add_argument("--ignore-errors", action="store_true",
                      help="go on after a failed instance and list failures at the end "
                           "(default: stop at the first)")

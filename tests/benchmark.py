@@ -125,8 +125,7 @@ def load(server: OrthancServer, files: list[Path]) -> None:
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
             for path in group:
                 archive.write(path, path.name)
-        session = requests.Session()
-        session.auth = (USER, PASSWORD)
+        session = server.new_session()
         session.post(server.url + "/instances", data=buffer.getvalue(),
                      timeout=600).raise_for_status()
     with ThreadPoolExecutor(4) as pool:
@@ -175,14 +174,12 @@ def floor(source: OrthancServer, target: OrthancServer) -> Timing:
 
     def post(archive: bytes) -> None:
         if not hasattr(local, "session"):
-            local.session = requests.Session()
-            local.session.auth = (USER, PASSWORD)
-            local.session.headers["Accept-Encoding"] = "identity"
+            local.session = target.new_session()
         local.session.post(f"{target.url}/instances", data=archive,
                            timeout=600).raise_for_status()
     settle()
     clock = ServerClock(source, target)
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(replicate.Config.threads) as pool:
         list(pool.map(post, archives))
     return clock.stop()
 

@@ -55,11 +55,15 @@ class OrthancServer:
         }
         self.config.update(config)
         self.process: Optional[subprocess.Popen] = None
-        self.session = requests.Session()
+        self.session = self.new_session()
+
+    def new_session(self) -> requests.Session:
+        """A session with the first user's credentials, asking for uncompressed answers."""
+        session = requests.Session()
         if self.users:
-            user, password = next(iter(self.users.items()))
-            self.session.auth = (user, password)
-        self.session.headers["Accept-Encoding"] = "identity"
+            session.auth = next(iter(self.users.items()))
+        session.headers["Accept-Encoding"] = "identity"
+        return session
 
     @staticmethod
     def version_of() -> str:
