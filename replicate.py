@@ -245,16 +245,6 @@ class Outcome:
     metadata_written: int = 0
     metadata_problems: list[tuple[str, str]] = field(default_factory=list)
 
-    def add(self, other: "Outcome") -> None:
-        """Count a --follow cycle into the run's totals."""
-        self.copied += other.copied
-        self.copied_bytes += other.copied_bytes
-        self.already += other.already
-        self.vanished += other.vanished
-        self.failed.extend(other.failed)
-        self.interrupted |= other.interrupted
-        self.stopped_on_failure |= other.stopped_on_failure
-
 
 # ---- pure helpers ---------------------------------------------------------------------------
 def format_bytes(count: float) -> str:
@@ -1076,12 +1066,12 @@ class Copier:
     def copy_singles(self, batch: Batch, instances: list[Instance]) -> BatchResult:
         result = BatchResult(batch)
         for instance in instances:
-            if self.stop.is_set():
-                raise Interrupted()
             try:
                 answer = call_with_retries(lambda: self.stream_one(instance),
                                            f"copy of instance {instance.id}", self.policy,
                                            self.stop)
+            except Interrupted:
+                break  # those already stored are reported; the rest stay to be copied
             except HttpStatusError as error:
                 if error.role == "source" and error.status == 404:
                     result.vanished.append(instance)
@@ -1180,10 +1170,12 @@ class Progress:
 
 
 def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
-                 progress: Progress, stop: threading.Event) -> Outcome:
-    """Feed batches to the workers and collect their results in this (the main) thread, which
-    alone updates the counters, the progress bar and the journal."""
-    outcome = Outcome(vanished=plan.vanished)
+                 progress: Progress, stop: threading.Event, outcome: Outcome) -> None:
+    """Feed batches to the workers and count their results into `outcome` in this (the main)
+    thread, which alone updates the counters, the progress bar and the journal. Counting into
+    the caller's outcome, not a new one, means a Ctrl-C at any point leaves it counting every
+    batch that was collected."""
+    outcome.vanished += plan.vanished
     zip_upload = version_at_least(copier.target.version, (1, 8, 2))
     archive_download = version_at_least(copier.source.version, (1, 8, 2))
     # Batches may hold several studies (fewer, larger requests); a study is recorded in the
@@ -1192,9 +1184,42 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
                             for instance in instances], zip_upload, archive_download)
     study_left = {study: len(instances) for study, instances in plan.studies.items()}
     study_failed: set[str] = set()
-    total = plan.missing
+    total, finished = plan.missing, 0
     pending = iter(batches)
     in_flight: dict[Future, Batch] = {}
+
+    def collect(future: Future, batch: Batch) -> None:
+        nonlocal finished
+        try:
+            result = future.result()
+        except Interrupted:
+            return
+        except Exception as error:  # a bug or an unexpected answer: name the batch
+            log.debug("worker error", exc_info=True)
+            result = BatchResult(batch, failed=[(instance, describe_error(error))
+                                                for instance in batch.instances])
+        outcome.copied += len(result.stored)
+        outcome.copied_bytes += sum(i.size for i in result.stored)
+        outcome.already += len(result.already)
+        outcome.vanished += len(result.vanished)
+        for instance, reason in result.failed:
+            outcome.failed.append((instance.id, reason))
+            log.error("copy failed: instance %s (study %s): %s", instance.id,
+                      instance.study, reason)
+        study_failed.update(instance.study for instance, _ in result.failed)
+        complete = []
+        for instance in (result.stored + result.already + result.vanished
+                         + [instance for instance, _ in result.failed]):
+            study = instance.study
+            study_left[study] -= 1
+            if study_left[study] == 0 and study not in study_failed:
+                complete.append((study, len(plan.studies[study]),
+                                 sum(i.size for i in plan.studies[study])))
+        journal.studies_done(complete)
+        finished += len(result.stored) + len(result.already) + len(result.failed)
+        progress.advance(sum(i.size for i in result.stored + result.already),
+                         f"{format_count(finished)}/{format_count(total)} instances")
+
     progress.start(plan.missing_bytes, "copying", unit="B", scale="SI")
     pool = ThreadPoolExecutor(config.threads, thread_name_prefix="copy")
     try:
@@ -1209,36 +1234,7 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
         while in_flight:
             done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
             for future in done:
-                batch = in_flight.pop(future)
-                try:
-                    result = future.result()
-                except Interrupted:
-                    continue
-                except Exception as error:  # a bug or an unexpected answer: name the batch
-                    log.debug("worker error", exc_info=True)
-                    result = BatchResult(batch, failed=[(instance, describe_error(error))
-                                                        for instance in batch.instances])
-                landed = sum(i.size for i in result.stored + result.already)
-                outcome.copied += len(result.stored)
-                outcome.copied_bytes += sum(i.size for i in result.stored)
-                outcome.already += len(result.already)
-                outcome.vanished += len(result.vanished)
-                for instance, reason in result.failed:
-                    outcome.failed.append((instance.id, reason))
-                    log.error("copy failed: instance %s (study %s): %s", instance.id,
-                              instance.study, reason)
-                study_failed.update(instance.study for instance, _ in result.failed)
-                complete = []
-                for instance in batch.instances:
-                    study = instance.study
-                    study_left[study] -= 1
-                    if study_left[study] == 0 and study not in study_failed:
-                        complete.append((study, len(plan.studies[study]),
-                                         sum(i.size for i in plan.studies[study])))
-                journal.studies_done(complete)
-                finished = outcome.copied + outcome.already + len(outcome.failed)
-                progress.advance(landed, f"{format_count(finished)}/{format_count(total)} "
-                                         "instances")
+                collect(future, in_flight.pop(future))
             if outcome.failed and not config.ignore_errors:
                 outcome.stopped_on_failure = True  # submit no more; what is in flight lands
             if not outcome.stopped_on_failure:
@@ -1248,10 +1244,12 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
         stop.set()
         log.warning("interrupted: finishing the instances in flight (Ctrl-C again to quit now)")
         wait(list(in_flight), timeout=10)
+        # What landed after the Ctrl-C is counted and journaled like the rest.
+        for future in [future for future in in_flight if future.done()]:
+            collect(future, in_flight.pop(future))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         progress.finish()
-    return outcome
 
 
 # ---- argument parsing -----------------------------------------------------------------------
@@ -1523,8 +1521,8 @@ class Run:
             # records per instance, all to be read before the metadata can be synced.
             reading = background.submit(read_changes, source, journal.position or 0,
                                         is_metadata_change) if config.metadata else None
-            self.outcome = outcome = run_transfer(config, plan, self.copier, journal,
-                                                  self.progress, self.stop)
+            outcome = self.outcome
+            run_transfer(config, plan, self.copier, journal, self.progress, self.stop, outcome)
             if outcome.interrupted:
                 return
             if not outcome.failed:
@@ -1607,14 +1605,17 @@ class Run:
                     chosen = set(self.selected)
                     plan.studies = {study: instances for study, instances in plan.studies.items()
                                     if study in chosen}
-                cycle = run_transfer(config, plan, self.copier, self.journal, Progress(False),
-                                     self.stop)
-                outcome.add(cycle)
-                if cycle.copied or cycle.failed:
+                before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
+                run_transfer(config, plan, self.copier, self.journal, Progress(False), self.stop,
+                             outcome)
+                copied, copied_bytes, failed = (outcome.copied - before[0],
+                                                outcome.copied_bytes - before[1],
+                                                len(outcome.failed) - before[2])
+                if copied or failed:
                     log.info("%s: copied %d new instances (%s), %d failed",
-                             time.strftime("%H:%M:%S"), cycle.copied,
-                             format_bytes(cycle.copied_bytes), len(cycle.failed))
-                if cycle.interrupted or (cycle.failed and not config.ignore_errors):
+                             time.strftime("%H:%M:%S"), copied, format_bytes(copied_bytes),
+                             failed)
+                if outcome.interrupted or (failed and not config.ignore_errors):
                     return
             if config.metadata:
                 self.copy_metadata(changes, last)
