@@ -119,8 +119,8 @@ class HttpStatusError(Exception):
 class GaveUp(Exception):
     """A retryable operation that kept failing; the last cause is chained."""
 
-    def __init__(self, cause: BaseException, attempts: int) -> None:
-        self.cause, self.attempts = cause, attempts
+    def __init__(self, cause: BaseException, attempts: int, what: str = "") -> None:
+        self.cause, self.attempts, self.what = cause, attempts, what
         super().__init__(f"{describe_error(cause)} after {attempts} attempts")
 
 
@@ -485,7 +485,7 @@ def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
             if not is_retryable(error):
                 raise
             if attempt > policy.retries:
-                raise GaveUp(error, attempt) from error
+                raise GaveUp(error, attempt, what) from error
             delay = policy.delay(attempt)
             log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what,
                       describe_error(error), attempt, policy.retries + 1, delay)
@@ -1582,46 +1582,62 @@ class Run:
                 log.error("metadata failed: %s", problem)
 
     def follow(self, position: int, known: set[str]) -> None:
-        """Copy what arrives on the source until Ctrl-C, polling its change log."""
-        config, outcome = self.config, self.outcome
+        """Copy what arrives on the source until Ctrl-C, polling its change log. A server that
+        stays out of reach through all the retries of a look is waited for, from the same
+        position: a follow left running for days outlives a restart of either server."""
         log.info("following the source's changes from position %d (Ctrl-C stops)", position)
-        while not self.stop.wait(config.poll):
-            changes, last = read_changes(self.source, position, lambda change: (
-                is_new_instance(change) or (config.metadata and is_metadata_change(change))))
-            arrived = [change["ID"] for change in changes
-                       if is_new_instance(change) and change["ID"] not in known]
-            known.clear()  # only the first poll can repeat what the first pass copied
-            if arrived:
-                if config.query:
-                    self.selected = select_studies(self.source, config.query, config.studies)
-                details = fetch_details(self.source, set(arrived), None, "instances",
-                                        config.threads, lambda r: (int(r["FileSize"]),
-                                                                   r["ParentSeries"]))
-                series = {detail[1] for detail in details.values()}
-                series_study = fetch_details(self.source, series, None, "series", config.threads,
-                                             lambda record: record["ParentStudy"])
-                plan = plan_copy(arrived, set(), details, series_study, 0, 0)
-                if self.selected is not None:
-                    chosen = set(self.selected)
-                    plan.studies = {study: instances for study, instances in plan.studies.items()
-                                    if study in chosen}
-                before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
-                run_transfer(config, plan, self.copier, self.journal, Progress(False), self.stop,
-                             outcome)
-                copied, copied_bytes, failed = (outcome.copied - before[0],
-                                                outcome.copied_bytes - before[1],
-                                                len(outcome.failed) - before[2])
-                if copied or failed:
-                    log.info("%s: copied %d new instances (%s), %d failed",
-                             time.strftime("%H:%M:%S"), copied, format_bytes(copied_bytes),
-                             failed)
-                if outcome.interrupted or (failed and not config.ignore_errors):
-                    return
-            if config.metadata:
-                self.copy_metadata(changes, last)
-            else:
-                self.journal.changes_read(last, ())
-            position = last
+        while not self.stop.wait(self.config.poll):
+            try:
+                next_position = self.follow_once(position, known)
+            except GaveUp as error:
+                log.warning("%s: %s: %s; looking again in %g s", time.strftime("%H:%M:%S"),
+                            error.what, error, self.config.poll)
+                continue
+            if next_position is None:
+                return
+            position = next_position
+            known.clear()  # only a look that failed half way leaves anything to skip next time
+
+    def follow_once(self, position: int, known: set[str]) -> Optional[int]:
+        """One look at the change log: copy the instances that arrived since `position` and
+        sync the metadata. The new position, or None when following must stop."""
+        config, outcome = self.config, self.outcome
+        changes, last = read_changes(self.source, position, lambda change: (
+            is_new_instance(change) or (config.metadata and is_metadata_change(change))))
+        arrived = [change["ID"] for change in changes
+                   if is_new_instance(change) and change["ID"] not in known]
+        if arrived:
+            if config.query:
+                self.selected = select_studies(self.source, config.query, config.studies)
+            details = fetch_details(self.source, set(arrived), None, "instances",
+                                    config.threads, lambda r: (int(r["FileSize"]),
+                                                               r["ParentSeries"]))
+            series = {detail[1] for detail in details.values()}
+            series_study = fetch_details(self.source, series, None, "series", config.threads,
+                                         lambda record: record["ParentStudy"])
+            plan = plan_copy(arrived, set(), details, series_study, 0, 0)
+            if self.selected is not None:
+                chosen = set(self.selected)
+                plan.studies = {study: instances for study, instances in plan.studies.items()
+                                if study in chosen}
+            self.target.get("/system")  # a target out of reach fails the look, not the copies
+            known.update(arrived)  # should the rest of this look fail, they are not sent twice
+            before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
+            run_transfer(config, plan, self.copier, self.journal, Progress(False), self.stop,
+                         outcome)
+            copied, copied_bytes, failed = (outcome.copied - before[0],
+                                            outcome.copied_bytes - before[1],
+                                            len(outcome.failed) - before[2])
+            if copied or failed:
+                log.info("%s: copied %d new instances (%s), %d failed",
+                         time.strftime("%H:%M:%S"), copied, format_bytes(copied_bytes), failed)
+            if outcome.interrupted or (failed and not config.ignore_errors):
+                return None
+        if config.metadata:
+            self.copy_metadata(changes, last)
+        else:
+            self.journal.changes_read(last, ())
+        return last
 
 
 def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int) -> None:
@@ -1666,8 +1682,12 @@ def replicate(config: Config, stop: threading.Event) -> int:
     run = Run(config, stop)
     try:
         run.execute()
-    finally:
-        elapsed = time.monotonic() - started
+    except Exception:
+        if run.plan is not None:  # the copy may have begun: say what it did
+            for line in summary_lines(run.plan, run.outcome, time.monotonic() - started):
+                print(line, flush=True)
+        raise
+    elapsed = time.monotonic() - started
     outcome = run.outcome
     for line in summary_lines(run.plan, outcome, elapsed):
         print(line, flush=True)

@@ -192,3 +192,52 @@ def test_follow_copies_new_arrivals_and_resumes(source, target, tmp_path) -> Non
     assert summary_value(out, "Copied:") == 1
     assert target.md5s() == source.md5s()
     assert len(journal_studies(save)) >= 6
+
+
+def follow(source: OrthancServer, target: OrthancServer, save, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, SCRIPT, *args(source, target, save, "--follow", "--poll", "0.3",
+                                             *extra)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_follow_waits_for_servers_that_restart(source, target, tmp_path) -> None:
+    process = follow(source, target, tmp_path / "save", "--retries", "1")
+    try:
+        wait_for(lambda: len(target.instances()) == CORPUS_SIZE)
+        source.kill()
+        time.sleep(3)  # several looks give up in that time: --retries 1 waits 0.5 s
+        assert process.poll() is None, "following ended while the source was down"
+        source.start()
+        # the target is down when new instances arrive: they wait for it
+        target.kill()
+        arrived = source.upload(write_corpus(tmp_path / "live", 1, 1, 2, prefix="R"))
+        time.sleep(3)
+        assert process.poll() is None, "following ended while the target was down"
+        target.start()
+        wait_for(lambda: set(arrived) <= target.instances(), seconds=20)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "source GET /changes" in err and "target GET /system" in err
+    assert "looking again in 0.3 s" in err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE + 2
+    assert summary_value(out, "Failed:") == 0
+    assert target.md5s() == source.md5s()
+
+
+def test_a_fatal_error_while_following_still_prints_the_summary(source, target,
+                                                                tmp_path) -> None:
+    process = follow(source, target, tmp_path / "save")
+    try:
+        wait_for(lambda: len(target.instances()) == CORPUS_SIZE)
+        source.kill()
+        source.users = source.config["RegisteredUsers"] = {"someone": "else"}  # changed
+        source.session = source.new_session()
+        source.start()
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 3, err
+    assert "401" in err and "Traceback" not in err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE
