@@ -1562,12 +1562,15 @@ class Run:
                 return False
             raise
 
-    def copy_metadata(self, changes: list[dict], position: int) -> None:
+    def copy_metadata(self, changes: list[dict], position: int, every_known: bool = True) -> None:
         """Record the changes read up to `position`, then sync every resource known to carry
-        user metadata or attachments. The candidates are saved with the position, so a crash
-        before the sync costs nothing: they are synced by the next run."""
-        self.journal.changes_read(position, metadata_candidates(changes))
-        candidates = sorted(candidate for candidate in self.journal.candidates
+        user metadata or attachments, or (`every_known` False, a --follow look) only those the
+        changes name: the others were synced by the first pass. The candidates are saved with
+        the position, so a crash before the sync costs nothing: the next run syncs them."""
+        fresh = metadata_candidates(changes)
+        self.journal.changes_read(position, fresh)
+        candidates = sorted(candidate for candidate in
+                            (self.journal.candidates if every_known else fresh)
                             if self.in_selection(*candidate))
 
         def one(candidate: tuple[str, str]) -> tuple[int, list[str]]:
@@ -1634,7 +1637,7 @@ class Run:
             if outcome.interrupted or (failed and not config.ignore_errors):
                 return None
         if config.metadata:
-            self.copy_metadata(changes, last)
+            self.copy_metadata(changes, last, every_known=False)
         else:
             self.journal.changes_read(last, ())
         return last

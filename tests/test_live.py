@@ -241,3 +241,39 @@ def test_a_fatal_error_while_following_still_prints_the_summary(source, target,
     assert process.returncode == 3, err
     assert "401" in err and "Traceback" not in err
     assert summary_value(out, "Copied:") == CORPUS_SIZE
+
+
+COUNT_METADATA_READS_LUA = """
+function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  if method == "GET" and string.find(uri, "/metadata$") then print("GET-METADATA") end
+  return true
+end
+"""
+
+
+def test_follow_syncs_the_metadata_that_changes_and_no_other(make_server, corpus,
+                                                             tmp_path) -> None:
+    source = make_server("SOURCE", LuaScripts=[lua(tmp_path, "count",
+                                                   COUNT_METADATA_READS_LUA)],
+                         **METADATA_CONFIG)
+    first, second = source.upload(corpus[:2])
+    put(source, f"/instances/{first}/metadata/Sample", b"before")
+    target = make_server("TARGET", **METADATA_CONFIG)
+    process = follow(source, target, tmp_path / "save")
+
+    def target_value(instance: str) -> str:
+        answer = target.session.get(f"{target.url}/instances/{instance}/metadata/Sample")
+        return answer.text if answer.status_code == 200 else ""
+    try:
+        wait_for(lambda: target_value(first) == "before")
+        time.sleep(2)  # about six looks with nothing new
+        reads = (source.folder / "orthanc.log").read_text().count("GET-METADATA")
+        put(source, f"/instances/{second}/metadata/Sample", b"during")
+        wait_for(lambda: target_value(second) == "during", seconds=20)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert reads == 1, "idle looks read metadata again"  # the first pass's sync of `first`
+    assert (source.folder / "orthanc.log").read_text().count("GET-METADATA") == 2
+    assert summary_value(out, "Metadata:") == 2
