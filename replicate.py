@@ -82,6 +82,9 @@ CHANGES_PAGE = 10000
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
+# Orthanc's error codes about a stored file, which no retry mends: InexistentFile,
+# FullStorage, CorruptedFile, FileStorageCannotWrite, RegularFileExpected (a missing file).
+LASTING_ORTHANC_ERRORS = frozenset([13, 19, 20, 2001, 2006])
 
 log = logging.getLogger("replicate")
 T = TypeVar("T")
@@ -111,7 +114,16 @@ class HttpStatusError(Exception):
 
     def __init__(self, role: str, method: str, path: str, status: int, body: str) -> None:
         self.role, self.method, self.path, self.status = role, method, path, status
-        detail = " ".join(body.split())[:200]
+        self.orthanc_status: Optional[int] = None  # Orthanc's own error code, when it says
+        detail = body
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and "OrthancStatus" in answer:
+            self.orthanc_status = answer["OrthancStatus"]
+            detail = str(answer.get("Details") or answer.get("Message") or "")
+        detail = " ".join(detail.split())[:200]
         super().__init__(f"{role} answered HTTP {status} to {method} {path}"
                          + (f" ({detail})" if detail else ""))
 
@@ -414,8 +426,11 @@ def version_at_least(version: str, wanted: tuple[int, int, int]) -> bool:
 
 def is_retryable(error: BaseException) -> bool:
     """The one place that decides: connection trouble, timeouts, 408, 429 and 5xx are retried;
-    TLS failures (a certificate is not trusted) are not."""
+    TLS failures (a certificate is not trusted) and Orthanc's errors about a stored file
+    (missing, corrupted, storage full) are not: waiting does not bring a file back."""
     if isinstance(error, HttpStatusError):
+        if error.orthanc_status in LASTING_ORTHANC_ERRORS:
+            return False
         return error.status in (408, 429) or error.status >= 500
     if isinstance(error, requests.exceptions.SSLError):
         return False
@@ -550,7 +565,9 @@ class OrthancClient:
         response = self.session().request(method, self.endpoint.url + path, timeout=timeout,
                                           stream=stream, allow_redirects=False, **kwargs)
         if response.status_code >= 300:
-            body = response.text if not stream or response.status_code < 500 else ""
+            # An error answer is short (Orthanc's is a small JSON); read at most 64 KiB of it.
+            body = response.text if not stream else response.raw.read(
+                65536, decode_content=True).decode("utf-8", "replace")
             response.close()
             raise HttpStatusError(self.role, method, path.split("?")[0], response.status_code,
                                   body)
@@ -1073,7 +1090,7 @@ class Copier:
             except Interrupted:
                 break  # those already stored are reported; the rest stay to be copied
             except HttpStatusError as error:
-                if error.role == "source" and error.status == 404:
+                if error.role == "source" and error.status == 404 and self.vanished(instance):
                     result.vanished.append(instance)
                 else:
                     result.failed.append((instance, str(error)))
@@ -1092,6 +1109,14 @@ class Copier:
             else:
                 result.failed.append((instance, f"the target answered Status {status}"))
         return result
+
+    def vanished(self, instance: Instance) -> bool:
+        """Whether the source deleted the instance, rather than lost its file (which a storage
+        plugin may also answer with 404): the first is no failure, the second is."""
+        try:
+            return unless_missing(lambda: self.source.get(f"/instances/{instance.id}")) is None
+        except (GaveUp, HttpStatusError, requests.RequestException):
+            return False  # cannot tell: reported as a failure, the safe side
 
     def stream_one(self, instance: Instance) -> Any:
         """GET the file and POST it as it arrives; memory stays at a few blocks."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicomgen import write_corpus
 from faultproxy import Fault, FaultProxy, cycling
 from orthanc import PASSWORD, USER, OrthancServer
 from test_replicate import (REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
@@ -76,6 +77,47 @@ def test_a_server_down_for_good_fails_with_the_cause_and_attempts(source, target
 
 
 # ---- verification ---------------------------------------------------------------------------
+def test_files_lost_from_the_source_storage_fail_at_once_with_the_reason(
+        make_server, corpus, target, tmp_path, capsys) -> None:
+    # no storage cache: the server must read its files from disk
+    source = make_server("SOURCE", MaximumStorageCacheSize=0)
+    ids = source.upload(corpus)
+    lost = {ids[0], ids[24], ids[28]}  # one of each path: archive, bundle, streamed
+    for instance in lost:
+        uuid = source.get(f"/instances/{instance}/attachments/dicom/info")["Uuid"]
+        (source.folder / "storage" / uuid[:2] / uuid[2:4] / uuid).unlink()
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--ignore-errors",
+                                      "-v"))
+    assert code == 1
+    assert summary_value(out, "Failed:") == 3 and summary_value(out, "Copied:") == 26
+    assert "Vanished" not in out
+    failures = [line for line in err.splitlines() if line.startswith("copy failed:")]
+    assert {line.split()[3] for line in failures} == lost
+    assert all("does not point to a regular file" in line for line in failures)
+    assert "retrying" not in err and "attempts" not in err  # waiting brings no file back
+    assert target.instances() == set(ids) - lost
+
+
+def test_an_instance_deleted_during_the_copy_is_counted_as_vanished(make_server,
+                                                                     tmp_path, capsys) -> None:
+    source = make_server("SOURCE")
+    source.upload(write_corpus(tmp_path / "small", 1, 1, 10, prefix="A"))
+    large = source.upload(write_corpus(tmp_path / "large", 1, 1, 1, rows=512, columns=512,
+                                       frames=5, prefix="B"))[0]
+    slow = make_server("SLOW", LuaScripts=[slow_lua(tmp_path, 0.2)])
+    save = tmp_path / "save"
+    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, slow, save,
+                                                               "--threads", "1")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the ten small ones travel first, one archive taking 2 s to store
+    wait_for(lambda: len(slow.instances()) >= 1)
+    source.session.delete(f"{source.url}/instances/{large}", timeout=60).raise_for_status()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert summary_value(out, "Vanished:") == 1 and summary_value(out, "Failed:") == 0
+    assert summary_value(out, "Copied:") == 10
+
+
 def test_verify_an_exact_copy_from_a_compressed_source(make_server, corpus, target, tmp_path,
                                                        capsys) -> None:
     source = make_server("SOURCE", StorageCompression=True)
