@@ -85,6 +85,9 @@ BACKOFF_MAX = 15.0
 # Orthanc's error codes about a stored file, which no retry mends: InexistentFile,
 # FullStorage, CorruptedFile, FileStorageCannotWrite, RegularFileExpected (a missing file).
 LASTING_ORTHANC_ERRORS = frozenset([13, 19, 20, 2001, 2006])
+# The target's codes for "cannot write a file" (a full disk, most often): CannotWriteFile,
+# FullStorage, FileStorageCannotWrite. Every instance after would fail the same way.
+TARGET_CANNOT_STORE = frozenset([14, 19, 2001])
 
 log = logging.getLogger("replicate")
 T = TypeVar("T")
@@ -241,6 +244,12 @@ class BatchResult:
     already: list[Instance] = field(default_factory=list)
     failed: list[tuple[Instance, str]] = field(default_factory=list)
     vanished: list[Instance] = field(default_factory=list)
+    target_full: Optional[str] = None  # why the target could not store a file, if it said so
+
+    def fail(self, instance: Instance, error: BaseException) -> None:
+        self.failed.append((instance, str(error)))
+        if self.target_full is None and target_cannot_store(error):
+            self.target_full = str(error)
 
 
 @dataclass
@@ -252,6 +261,7 @@ class Outcome:
     failed: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
     stopped_on_failure: bool = False
+    target_full: Optional[str] = None  # why the run stopped for the target's storage
     verified: Optional[int] = None  # instances --verify compared, None without --verify
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
     metadata_written: int = 0
@@ -438,6 +448,13 @@ def is_retryable(error: BaseException) -> bool:
                               requests.exceptions.ChunkedEncodingError,
                               requests.exceptions.ContentDecodingError, ConnectionError,
                               TimeoutError, TruncatedDownload))
+
+
+def target_cannot_store(error: BaseException) -> bool:
+    """Whether the target answered that it cannot write files, itself or after retries."""
+    cause = error.cause if isinstance(error, GaveUp) else error
+    return (isinstance(cause, HttpStatusError) and cause.role == "target"
+            and cause.orthanc_status in TARGET_CANNOT_STORE)
 
 
 def describe_error(error: BaseException) -> str:
@@ -1060,7 +1077,8 @@ class Copier:
             log.debug("%s: %s; copying them one by one", what, error)
             return self.copy_singles(batch, batch.instances)
         except GaveUp as error:
-            result.failed = [(instance, str(error)) for instance in batch.instances]
+            for instance in batch.instances:
+                result.fail(instance, error)
             return result
         unconfirmed = []
         for instance in batch.instances:
@@ -1093,10 +1111,10 @@ class Copier:
                 if error.role == "source" and error.status == 404 and self.vanished(instance):
                     result.vanished.append(instance)
                 else:
-                    result.failed.append((instance, str(error)))
+                    result.fail(instance, error)
                 continue
             except GaveUp as error:
-                result.failed.append((instance, str(error)))
+                result.fail(instance, error)
                 continue
             status = answer.get("Status") if isinstance(answer, dict) else None
             if status in STORED_STATUSES and answer.get("ID") not in (None, instance.id):
@@ -1232,6 +1250,7 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
             log.error("copy failed: instance %s (study %s): %s", instance.id,
                       instance.study, reason)
         study_failed.update(instance.study for instance, _ in result.failed)
+        outcome.target_full = outcome.target_full or result.target_full
         complete = []
         for instance in (result.stored + result.already + result.vanished
                          + [instance for instance, _ in result.failed]):
@@ -1260,7 +1279,7 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
             done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
             for future in done:
                 collect(future, in_flight.pop(future))
-            if outcome.failed and not config.ignore_errors:
+            if outcome.target_full or (outcome.failed and not config.ignore_errors):
                 outcome.stopped_on_failure = True  # submit no more; what is in flight lands
             if not outcome.stopped_on_failure:
                 fill()
@@ -1342,7 +1361,8 @@ def _setup_argparser() -> ArgumentParser:
                      help=f"parallel transfers (default: {Config.threads})")
     run.add_argument("--ignore-errors", action="store_true",
                      help="go on after a failed instance and list failures at the end "
-                          "(default: stop at the first)")
+                          "(default: stop at the first); a target that cannot write files "
+                          "stops the run anyway")
     run.add_argument("--retries", type=whole_number(0), default=8, metavar="N",
                      help="retries of a request after a connection error, timeout, 429 or 5xx, "
                           "with backoff up to 15 s (default: 8: 48 to 60 s of waiting)")
@@ -1560,7 +1580,8 @@ class Run:
                 checked, gone, outcome.verify_problems = verify_copy(
                     source, target, plan.source_ids, config.threads, self.progress)
                 outcome.verified, outcome.vanished = checked, outcome.vanished + gone
-            if config.follow and not (outcome.failed and not config.ignore_errors):
+            if config.follow and not outcome.target_full and not (
+                    outcome.failed and not config.ignore_errors):
                 self.follow(follow_from, set(plan.source_ids))
         except KeyboardInterrupt:
             self.outcome.interrupted = True
@@ -1659,7 +1680,7 @@ class Run:
             if copied or failed:
                 log.info("%s: copied %d new instances (%s), %d failed",
                          time.strftime("%H:%M:%S"), copied, format_bytes(copied_bytes), failed)
-            if outcome.interrupted or (failed and not config.ignore_errors):
+            if outcome.interrupted or outcome.target_full or (failed and not config.ignore_errors):
                 return None
         if config.metadata:
             self.copy_metadata(changes, last, every_known=False)
@@ -1727,7 +1748,10 @@ def replicate(config: Config, stop: threading.Event) -> int:
                   "follow on" if config.follow else "resume")
         code = EXIT_INTERRUPTED
     elif outcome.failed or outcome.verify_problems or outcome.metadata_problems:
-        if outcome.stopped_on_failure and not config.ignore_errors:
+        if outcome.target_full:
+            log.error("stopped: the target cannot store files (%s); is its disk full? Make room, "
+                      "then run the same command again", outcome.target_full)
+        elif outcome.stopped_on_failure and not config.ignore_errors:
             instance_id, reason = outcome.failed[0]
             log.error("stopped at the first failure: instance %s: %s (--ignore-errors goes on)",
                       instance_id, reason)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -34,8 +35,11 @@ class OrthancServer:
     """One Orthanc process with its own storage; can be stopped, killed and started again."""
 
     def __init__(self, folder: Path, name: str = "ORTHANC", users: Optional[dict] = None,
-                 **config: Any) -> None:
+                 file_size_limit: Optional[int] = None, **config: Any) -> None:
         self.folder = folder
+        # Files larger than this cannot be written, as on a full disk (RLIMIT_FSIZE, SIGXFSZ
+        # ignored: a write past the limit fails with EFBIG instead of killing the server).
+        self.file_size_limit = file_size_limit
         self.folder.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.users = {USER: PASSWORD} if users is None else users
@@ -83,7 +87,8 @@ class OrthancServer:
         config_path.write_text(json.dumps(self.config, indent=2))
         log = open(self.folder / "orthanc.log", "ab")
         self.process = subprocess.Popen([ORTHANC_BINARY, str(config_path)], stdout=log,
-                                        stderr=subprocess.STDOUT, cwd=self.folder)
+                                        stderr=subprocess.STDOUT, cwd=self.folder,
+                                        preexec_fn=self._limits if self.file_size_limit else None)
         log.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -96,6 +101,10 @@ class OrthancServer:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"Orthanc did not answer in 30 s: {self.log_tail()}")
+
+    def _limits(self) -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def log_tail(self) -> str:
         path = self.folder / "orthanc.log"

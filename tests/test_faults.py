@@ -98,6 +98,24 @@ def test_files_lost_from_the_source_storage_fail_at_once_with_the_reason(
     assert target.instances() == set(ids) - lost
 
 
+def test_a_target_that_cannot_write_stops_the_run_even_with_ignore_errors(
+        make_server, tmp_path, capsys) -> None:
+    source = make_server("SOURCE")
+    big = source.upload(write_corpus(tmp_path / "big", 1, 1, 1, rows=512, columns=512,
+                                     frames=20, prefix="B"))  # 10 MB, first in the plan
+    source.upload(write_corpus(tmp_path / "more", 3, 1, 1, rows=512, columns=512, frames=6,
+                               prefix="M"))  # 3 MB each, each sent on its own
+    # files over 8 MB cannot be written: to Orthanc, the same as a full disk
+    target = make_server("TARGET", file_size_limit=8 * 1024 * 1024)
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--ignore-errors",
+                                      "--threads", "1", "--retries", "1"))
+    assert code == 1
+    assert "stopped: the target cannot store files" in err and "Cannot write to file" in err
+    assert summary_value(out, "Failed:") == 1 and big[0] in err
+    # the one in flight beside it landed; the last two were not sent
+    assert summary_value(out, "Copied:") == 1 and len(target.instances()) == 1
+
+
 def test_an_instance_deleted_during_the_copy_is_counted_as_vanished(make_server,
                                                                      tmp_path, capsys) -> None:
     source = make_server("SOURCE")

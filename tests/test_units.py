@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -127,12 +128,39 @@ def test_version_at_least() -> None:
     (HttpStatusError("target", "POST", "/instances", 429, ""), True),
     (HttpStatusError("target", "POST", "/instances", 400, ""), False),
     (HttpStatusError("source", "GET", "/instances/x/file", 404, ""), False),
+    (HttpStatusError("source", "GET", "/instances/x/file", 500,
+                     '{"OrthancStatus": 2006, "Message": "not a regular file"}'), False),
+    (HttpStatusError("target", "POST", "/instances", 500,
+                     '{"OrthancStatus": -1, "Message": "Internal error"}'), True),
+    (HttpStatusError("target", "POST", "/instances", 500, "<html>proxy error</html>"), True),
     (requests.ConnectionError("reset"), True),
     (requests.ReadTimeout("slow"), True),
     (ValueError("bug"), False),
 ])
 def test_is_retryable(error: Exception, expected: bool) -> None:
     assert is_retryable(error) is expected
+
+
+def test_http_errors_keep_orthancs_reason() -> None:
+    error = HttpStatusError("source", "GET", "/instances/x/file", 500, json.dumps({
+        "Details": "The path does not point to a regular file: /db/55/4c/x",
+        "Message": "The specified path does not point to a regular file",
+        "OrthancStatus": 2006}))
+    assert error.orthanc_status == 2006
+    assert str(error) == ("source answered HTTP 500 to GET /instances/x/file (The path does "
+                          "not point to a regular file: /db/55/4c/x)")
+    plain = HttpStatusError("target", "POST", "/instances", 502, "Bad   gateway\n")
+    assert plain.orthanc_status is None and str(plain).endswith("(Bad gateway)")
+
+
+def test_target_cannot_store() -> None:
+    full = HttpStatusError("target", "POST", "/instances", 500, '{"OrthancStatus": 14}')
+    assert replicate.target_cannot_store(full)
+    assert replicate.target_cannot_store(replicate.GaveUp(full, 9))
+    assert not replicate.target_cannot_store(
+        HttpStatusError("source", "GET", "/x", 500, '{"OrthancStatus": 14}'))
+    assert not replicate.target_cannot_store(
+        HttpStatusError("target", "POST", "/instances", 500, '{"OrthancStatus": -1}'))
 
 
 def test_backoff_grows_and_is_capped() -> None:
