@@ -979,9 +979,18 @@ class Journal:
         """Append whole lines, then flush and fsync once for all of them."""
         if self.file is None or not lines:  # read-only (dry run), or nothing to say
             return
-        self.file.write("".join(line + "\n" for line in lines))
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write("".join(line + "\n" for line in lines))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as error:  # a full disk: the run stops, the next open drops a torn line
+            broken, self.file = self.file, None
+            try:
+                broken.close()
+            except OSError:
+                pass
+            raise UsageError(f"cannot write save file {self.path}: {error.strerror}; make "
+                             "room, then run the same command again") from error
 
     def changes_read(self, position: int, candidates: Iterable[tuple[str, str]]) -> None:
         """Record new metadata candidates, then the change log position they were read to."""

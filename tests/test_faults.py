@@ -6,6 +6,8 @@ import fcntl
 import os
 import pty
 import re
+import resource
+import signal
 import ssl
 import subprocess
 import sys
@@ -114,6 +116,26 @@ def test_a_target_that_cannot_write_stops_the_run_even_with_ignore_errors(
     assert summary_value(out, "Failed:") == 1 and big[0] in err
     # the one in flight beside it landed; the last two were not sent
     assert summary_value(out, "Copied:") == 1 and len(target.instances()) == 1
+
+
+def test_a_save_file_that_cannot_grow_stops_the_run_without_a_traceback(source, target,
+                                                                          tmp_path,
+                                                                          capsys) -> None:
+    def small_files() -> None:  # the header and one study line fit, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+    save = tmp_path / "save"
+    answer = subprocess.run([sys.executable, SCRIPT, *args(source, target, save, "--threads",
+                                                           "1")],
+                            capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert answer.returncode == 2, answer.stderr
+    assert f"cannot write save file {save}: File too large; make room" in answer.stderr
+    assert "Traceback" not in answer.stderr
+    assert summary_value(answer.stdout, "Copied:") > 0
+
+    code, out, err = run(capsys, args(source, target, save))  # room again: it resumes
+    assert code == 0, err
+    assert target.md5s() == source.md5s()
 
 
 def test_an_instance_deleted_during_the_copy_is_counted_as_vanished(make_server,
