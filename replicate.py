@@ -10,7 +10,7 @@ target is touched. Interrupt it at any time and run the same command again to re
 
 Exit statuses:
   0    everything selected is on the target
-  1    failures remain (instances named on stderr)
+  1    failures remain (instances named on stderr), or an unexpected error
   2    usage error: bad option value, malformed URL, the same server twice, unusable save file
   3    a server cannot be reached, refuses the credentials, or is not an Orthanc
   130  interrupted (Ctrl-C); the save file is consistent, run again to resume
@@ -1344,7 +1344,7 @@ passwords, first found wins:
 
 exit statuses:
   0    everything selected is on the target
-  1    failures remain (instances named on stderr)
+  1    failures remain (instances named on stderr), or an unexpected error
   2    usage error: bad option value, malformed URL, the same server twice,
        unusable save file
   3    a server cannot be reached, refuses the credentials, or is not an Orthanc
@@ -1808,6 +1808,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.debug("traceback:", exc_info=True)
         log.error("replicate.py: %s", describe_error(error))
         return EXIT_SERVER
+    except Exception as error:  # a bug, or an answer no Orthanc gives: one line, -v for more
+        log.debug("traceback:", exc_info=True)
+        log.error("replicate.py: unexpected error: %s (-v shows where; the save file is "
+                  "consistent, a re-run resumes)", describe_error(error))
+        return EXIT_FAILURES
     finally:
         stop.set()
 

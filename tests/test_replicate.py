@@ -292,6 +292,20 @@ def test_server_problems_exit_3(source, target, not_orthanc, tmp_path) -> None:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_v(
+        source, target, tmp_path, capsys, monkeypatch) -> None:
+    def broken(*arguments: object) -> None:
+        raise KeyError("ParentSeries")  # what an answer without the expected field would give
+    monkeypatch.setattr(replicate, "plan_copy", broken)
+    code, out, err = run(capsys, args(source, target, tmp_path / "save"))
+    assert code == 1
+    assert err.strip().splitlines() == ["replicate.py: unexpected error: KeyError: "
+                                        "'ParentSeries' (-v shows where; the save file is "
+                                        "consistent, a re-run resumes)"]
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "-v"))
+    assert code == 1 and "Traceback" in err and "in broken" in err
+
+
 def test_help_lists_every_option_with_its_default() -> None:
     result = run_process(["--help"])
     assert result.returncode == 0
