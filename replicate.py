@@ -1698,14 +1698,17 @@ class Run:
         return last
 
 
-def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int) -> None:
-    """The JSON record of a run, written whole (through a temporary file) at its end."""
+def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int,
+                 error: Optional[str] = None) -> None:
+    """The JSON record of a run, written whole (through a temporary file) at its end.
+    `error`: the line that says why an error ended the run, if one did."""
     outcome, plan = run.outcome, run.plan
     report = {
         "tool": f"replicate.py {__version__}",
         "source": config.source.url,
         "target": config.target.url,
         "exit_status": code,
+        "error": error,
         "copied": outcome.copied,
         "skipped": (plan.present if plan else 0) + outcome.already,
         "failed": [{"id": instance, "reason": reason} for instance, reason in outcome.failed],
@@ -1740,11 +1743,13 @@ def replicate(config: Config, stop: threading.Event) -> int:
     run = Run(config, stop)
     try:
         run.execute()
-    except Exception:
+    except Exception as error:
+        elapsed = time.monotonic() - started
         if run.plan is not None:  # the copy may have begun: say what it did
-            for line in summary_lines(run.plan, run.outcome, time.monotonic() - started):
+            for line in summary_lines(run.plan, run.outcome, elapsed):
                 print(line, flush=True)
-        raise
+        code, message = error_status(error)
+        return finish_report(config, run, elapsed, code, message)
     elapsed = time.monotonic() - started
     outcome = run.outcome
     for line in summary_lines(run.plan, outcome, elapsed):
@@ -1771,13 +1776,39 @@ def replicate(config: Config, stop: threading.Event) -> int:
         code = EXIT_FAILURES
     else:
         code = EXIT_OK
+    return finish_report(config, run, elapsed, code, None)
+
+
+def finish_report(config: Config, run: Run, elapsed: float, code: int,
+                  error: Optional[str]) -> int:
+    """Write --report, if asked; return the exit status (1 if the report cannot be written)."""
     if config.report:
         try:
-            write_report(config.report, config, run, elapsed, code)
-        except OSError as error:
-            log.error("replicate.py: cannot write report %s: %s", config.report, error.strerror)
+            write_report(config.report, config, run, elapsed, code, error)
+        except OSError as problem:
+            log.error("replicate.py: cannot write report %s: %s", config.report,
+                      problem.strerror)
             code = code or EXIT_FAILURES
     return code
+
+
+def error_status(error: BaseException) -> tuple[int, str]:
+    """Log the one line that says why an error ended the run (its traceback only with -v);
+    return the exit status and that line."""
+    code = EXIT_FAILURES
+    if isinstance(error, (KeyboardInterrupt, Interrupted)):
+        code, message = EXIT_INTERRUPTED, "interrupted; run the same command again to resume"
+    elif isinstance(error, ReplicateError):
+        code, message = error.exit_code, f"replicate.py: {error}"
+    elif isinstance(error, (GaveUp, HttpStatusError, requests.RequestException)):
+        code, message = EXIT_SERVER, f"replicate.py: {describe_error(error)}"
+    else:  # a bug, or an answer no Orthanc gives
+        message = (f"replicate.py: unexpected error: {describe_error(error)} (-v shows where; "
+                   "the save file is consistent, a re-run resumes)")
+    if code != EXIT_INTERRUPTED:
+        log.debug("traceback:", exc_info=error)
+    log.error("%s", message)
+    return code, message
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -1793,26 +1824,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("replicate.py: warning: --insecure: TLS certificates are not checked; anyone "
                   "on the path can read and change what is copied", file=sys.stderr)
         return replicate(config, stop)
-    except ReplicateError as error:
-        log.debug("traceback:", exc_info=True)
-        log.error("replicate.py: %s", error)
-        return error.exit_code
-    except KeyboardInterrupt:
-        stop.set()
-        log.error("interrupted; run the same command again to resume")
-        return EXIT_INTERRUPTED
-    except Interrupted:
-        log.error("interrupted; run the same command again to resume")
-        return EXIT_INTERRUPTED
-    except (GaveUp, HttpStatusError, requests.RequestException) as error:
-        log.debug("traceback:", exc_info=True)
-        log.error("replicate.py: %s", describe_error(error))
-        return EXIT_SERVER
-    except Exception as error:  # a bug, or an answer no Orthanc gives: one line, -v for more
-        log.debug("traceback:", exc_info=True)
-        log.error("replicate.py: unexpected error: %s (-v shows where; the save file is "
-                  "consistent, a re-run resumes)", describe_error(error))
-        return EXIT_FAILURES
+    except (Exception, KeyboardInterrupt) as error:
+        return error_status(error)[0]
     finally:
         stop.set()
 

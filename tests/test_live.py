@@ -156,7 +156,7 @@ end
     assert data["bytes"] > 0 and isinstance(data["seconds"], float)
     assert data["source"] == source.url and data["target"] == target.url
     assert data["options"]["threads"] == 3 and data["options"]["ignore_errors"] is True
-    assert data["exit_status"] == 1
+    assert data["exit_status"] == 1 and data["error"] is None
     assert "password" not in report.read_text()
 
 

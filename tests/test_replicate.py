@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -284,12 +285,17 @@ def test_server_problems_exit_3(source, target, not_orthanc, tmp_path) -> None:
         "refused the credentials": [source.url, target.url, "--target-password", "wrong"],
         "is not an Orthanc": [not_orthanc, target.url],
     }
+    report = tmp_path / "report.json"
     for expected, argv in cases.items():
         result = run_process(argv + ["--username", USER, "--password", PASSWORD, "--save", save,
-                                     "--retries", "0"])
+                                     "--retries", "0", "--report", str(report)])
         assert result.returncode == 3, (expected, result.stderr)
         assert expected in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        # the report of a run that could not begin says why, in the same words
+        data = json.loads(report.read_text())
+        assert data["exit_status"] == 3 and data["error"] == result.stderr.strip()
+        assert data["copied"] == 0 and data["planned"] is None
 
 
 def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_v(
