@@ -1522,10 +1522,11 @@ def plan_lines(plan: Plan, selected: bool) -> list[str]:
     return [
         f"Studies {'selected' if selected else 'found'} on the source: "
         f"{format_count(plan.source_studies)}",
+        # The source's statistics count every attachment, not only the DICOM files (older
+        # Orthanc kept a JSON copy of each): a size of what the target holds would be a guess.
         f"Source holds:  {format_count(plan.source_instances)} instances, "
-        f"{format_bytes(plan.source_bytes)}",
-        f"On the target: {format_count(plan.present)} of them already, "
-        f"{format_bytes(max(plan.source_bytes - plan.missing_bytes, 0))}",
+        f"{format_bytes(plan.source_bytes)} stored",
+        f"On the target: {format_count(plan.present)} of them already",
         f"To transfer:   {format_count(plan.missing)} instances in {format_count(studies)} "
         f"{'study' if studies == 1 else 'studies'}, {format_bytes(plan.missing_bytes)}",
     ]
