@@ -78,6 +78,7 @@ SYSTEM_METADATA = frozenset([
     "LastUpdate", "Origin", "TransferSyntax", "SopClassUid", "RemoteIP", "CalledAET",
     "HttpUsername", "PixelDataOffset", "MainDicomTagsSignature", "PixelDataVR"])
 USER_MIN = 1024
+SYSTEM_ATTACHMENTS = frozenset(["dicom", "dicom-as-json", "dicom-until-pixel-data"])
 CHANGES_PAGE = 10000
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 BACKOFF_FIRST = 0.5
@@ -826,6 +827,28 @@ def metadata_candidates(changes: list[dict]) -> set[tuple[str, str]]:
             if is_metadata_change(change)}
 
 
+def metadata_values(server: OrthancClient, path: str) -> dict[str, str]:
+    """A resource's metadata, name -> value. Orthanc before 1.4 ignores ?expand and lists
+    the names only: their values are then read one by one (system metadata are not)."""
+    found = server.get(path + "/metadata?expand")
+    if isinstance(found, dict):
+        return found
+    return {name: server.text(f"{path}/metadata/{name}") for name in found
+            if name not in SYSTEM_METADATA}
+
+
+def user_attachments(source: OrthancClient, path: str) -> dict[str, str]:
+    """A resource's user attachments: their name on the source -> the name to write on the
+    target, which is their number when the source tells it (?full, Orthanc 1.10+). Older
+    sources list names only: a user attachment is then its number or its UserContentType
+    name, which the target must declare too."""
+    listed = source.get(path + "/attachments?full")
+    if isinstance(listed, dict):
+        return {name: str(number) for name, number in listed.items() if int(number) >= USER_MIN}
+    return {name: name for name in listed if name not in SYSTEM_ATTACHMENTS
+            and not (name.isdigit() and int(name) < USER_MIN)}
+
+
 def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
                   resource: str) -> tuple[int, list[str]]:
     """Copy a resource's user metadata and user attachments (index 1024-65535) where the
@@ -833,9 +856,9 @@ def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
     skipped: a missing instance is already reported as a failed copy."""
     path = f"/{LEVEL_PATHS[level]}/{resource}"
     try:
-        wanted = source.get(path + "/metadata?expand")
-        present = target.get(path + "/metadata?expand")
-        attachments = source.get(path + "/attachments?full")
+        wanted = metadata_values(source, path)
+        present = metadata_values(target, path)
+        attachments = user_attachments(source, path)
     except HttpStatusError as error:
         if error.status == 404:
             return 0, []
@@ -850,19 +873,19 @@ def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
         except HttpStatusError as error:
             problems.append(f"metadata {name!r} of {level.lower()} {resource}: {error} (does "
                             "the target declare it in UserMetadata?)")
-    for name, content_type in attachments.items():
-        if int(content_type) < USER_MIN:
-            continue
+    for name, target_name in attachments.items():
         expected = source.text(f"{path}/attachments/{name}/md5")
-        found = unless_missing(lambda: target.text(f"{path}/attachments/{content_type}/md5"))
+        found = unless_missing(lambda: target.text(f"{path}/attachments/{target_name}/md5"))
         if found == expected:
             continue
         data = source.send("GET", f"{path}/attachments/{name}/data").content
         try:
-            target.send("PUT", f"{path}/attachments/{content_type}", data=data)
+            target.send("PUT", f"{path}/attachments/{target_name}", data=data)
             written += 1
         except HttpStatusError as error:
-            problems.append(f"attachment {name!r} of {level.lower()} {resource}: {error}")
+            problems.append(f"attachment {name!r} of {level.lower()} {resource}: {error}"
+                            + ("" if target_name.isdigit() else
+                               " (does the target declare it in UserContentType?)"))
     return written, problems
 
 

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dicomgen import write_corpus  # noqa: E402
-from orthanc import ORTHANC_BINARY, OrthancServer, PostgresCluster  # noqa: E402
+from orthanc import (ORTHANC_BINARY, OLD_ORTHANC_BINARY, OrthancServer,  # noqa: E402
+                     PostgresCluster)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -62,6 +63,14 @@ def source(make_server: Callable[..., OrthancServer], corpus: list[Path]) -> Ort
 @pytest.fixture
 def target(make_server: Callable[..., OrthancServer]) -> OrthancServer:
     return make_server("TARGET")
+
+
+@pytest.fixture
+def old_orthanc() -> str:
+    """The binary of an older Orthanc (1.9.1), the kind of server a migration starts from."""
+    if not os.access(OLD_ORTHANC_BINARY, os.X_OK):
+        raise pytest.UsageError(f"{OLD_ORTHANC_BINARY} is missing; bash .ci/run installs it")
+    return OLD_ORTHANC_BINARY
 
 
 @pytest.fixture(scope="session")

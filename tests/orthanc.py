@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional
 import requests
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+OLD_ORTHANC_BINARY = "/opt/orthanc-1.9.1/Orthanc"  # Debian 11's, installed by .ci/old-orthanc
 POSTGRESQL_BIN = Path("/usr/lib/postgresql/15/bin")
 POSTGRESQL_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so"
 USER, PASSWORD = "user", "password"
@@ -35,8 +36,10 @@ class OrthancServer:
     """One Orthanc process with its own storage; can be stopped, killed and started again."""
 
     def __init__(self, folder: Path, name: str = "ORTHANC", users: Optional[dict] = None,
-                 file_size_limit: Optional[int] = None, **config: Any) -> None:
+                 file_size_limit: Optional[int] = None, binary: str = ORTHANC_BINARY,
+                 **config: Any) -> None:
         self.folder = folder
+        self.binary = binary
         # Files larger than this cannot be written, as on a full disk (RLIMIT_FSIZE, SIGXFSZ
         # ignored: a write past the limit fails with EFBIG instead of killing the server).
         self.file_size_limit = file_size_limit
@@ -86,7 +89,7 @@ class OrthancServer:
         config_path = self.folder / "orthanc.json"
         config_path.write_text(json.dumps(self.config, indent=2))
         log = open(self.folder / "orthanc.log", "ab")
-        self.process = subprocess.Popen([ORTHANC_BINARY, str(config_path)], stdout=log,
+        self.process = subprocess.Popen([self.binary, str(config_path)], stdout=log,
                                         stderr=subprocess.STDOUT, cwd=self.folder,
                                         preexec_fn=self._limits if self.file_size_limit else None)
         log.close()

@@ -128,6 +128,33 @@ def test_user_metadata_and_attachments_travel(make_server, corpus, tmp_path, cap
         == 404
 
 
+def test_from_an_orthanc_1_9_source(make_server, old_orthanc, corpus, tmp_path,
+                                     capsys) -> None:
+    """Migrations start from older servers: Orthanc 1.9 lists attachments by name only
+    (no ?full) and its answers differ in places from 1.10's."""
+    source = make_server("SOURCE", binary=old_orthanc, **METADATA_CONFIG)
+    assert source.get("/system")["Version"] == "1.9.1"
+    ids = source.upload(corpus)
+    series = source.get(f"/instances/{ids[0]}")["ParentSeries"]
+    study = source.get(f"/series/{series}")["ParentStudy"]
+    put(source, f"/instances/{ids[0]}/metadata/Sample", b"old value")
+    put(source, f"/studies/{study}/attachments/report", b"%PDF-1.4 an old report")
+    put(source, f"/studies/{study}/attachments/3000", b"numbered attachment")
+    target = make_server("TARGET", **METADATA_CONFIG)
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--verify"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == len(corpus)
+    assert summary_value(out, "Verified:") == len(corpus)
+    assert summary_value(out, "Metadata:") == 3
+    assert target.md5s() == source.md5s()
+    assert target.session.get(f"{target.url}/instances/{ids[0]}/metadata/Sample").text == \
+        "old value"
+    assert target.session.get(f"{target.url}/studies/{study}/attachments/report/data"
+                              ).content == b"%PDF-1.4 an old report"
+    assert target.session.get(f"{target.url}/studies/{study}/attachments/3000/data"
+                              ).content == b"numbered attachment"
+
+
 def test_metadata_the_target_does_not_declare_is_a_failure(make_server, corpus, tmp_path,
                                                            capsys) -> None:
     source = make_server("SOURCE", **METADATA_CONFIG)
