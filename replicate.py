@@ -42,6 +42,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 import requests
 import requests.adapters
 
+try:
+    import fcntl  # the save file's lock; Windows has none, and goes without
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 __version__ = "1.0.0"
 
 # ---- constants and exit codes ---------------------------------------------------------------
@@ -938,28 +943,45 @@ class Journal:
         self.file: Optional[io.TextIOWrapper] = None
 
     def open(self, read_only: bool = False) -> "Journal":
-        """Read and check the save file; unless `read_only` (--dry-run), open it to append."""
-        existing = b""
-        try:
-            existing = self.path.read_bytes()
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise UsageError(f"cannot read save file {self.path}: {error.strerror}; "
-                             "choose another --save") from error
-        keep = self._parse(existing)
+        """Read and check the save file; unless `read_only` (--dry-run), lock it for this run
+        (a second run on the same file is refused, not mixed in) and open it to append."""
         if read_only:
+            try:
+                self._parse(self.path.read_bytes())
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise UsageError(f"cannot read save file {self.path}: {error.strerror}; "
+                                 "choose another --save") from error
             return self
         try:
-            self.file = open(self.path, "a+b" if keep else "wb")  # noqa: SIM115
-            if keep < len(existing):
-                self.file.truncate(keep)
-            self.file = io.TextIOWrapper(self.file, encoding="utf-8", newline="\n")
-            if not keep:
-                self._write([self.header])
+            handle = open(self.path, "a+b")  # noqa: SIM115
         except OSError as error:
             raise UsageError(f"cannot write save file {self.path}: {error.strerror}; "
                              "choose another --save") from error
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UsageError(f"save file {self.path} is in use by another run of "
+                                     "replicate.py; let it finish, or choose another --save"
+                                     ) from None
+            handle.seek(0)
+            existing = handle.read()
+            keep = self._parse(existing)
+            if keep < len(existing):
+                handle.truncate(keep)
+            self.file = io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
+            if not keep:
+                self._write([self.header])
+        except OSError as error:
+            handle.close()
+            raise UsageError(f"cannot write save file {self.path}: {error.strerror}; "
+                             "choose another --save") from error
+        except BaseException:
+            handle.close()
+            raise
         return self
 
     def _parse(self, data: bytes) -> int:

@@ -347,6 +347,24 @@ def test_kill_mid_run_then_resume(make_server, source, tmp_path, capsys) -> None
     assert sorted(journal_studies(save)) == sorted(source.get("/studies"))
 
 
+def test_a_second_run_on_the_same_save_file_is_refused(make_server, source, tmp_path,
+                                                       capsys) -> None:
+    target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
+    save = tmp_path / "save"
+    first = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, save, "--threads",
+                                                            "1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: save.exists() and save.stat().st_size > 0)
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 2
+    assert f"save file {save} is in use by another run of replicate.py" in err
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE
+    code, out, err = run(capsys, args(source, target, save))  # free again once it ended
+    assert code == 0 and summary_value(out, "Copied:") == 0
+
+
 def test_ctrl_c_exits_130_and_resumes(make_server, source, tmp_path, capsys) -> None:
     target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
     save = tmp_path / "save"
