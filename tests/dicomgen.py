@@ -6,9 +6,11 @@ instances share bytes and a copy can be checked by MD5.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
@@ -67,3 +69,12 @@ def write_corpus(folder: Path, studies: int, series: int, instances: int,
                 paths.append(path)
     return paths
 
+
+
+def orthanc_id(path: Path) -> str:
+    """The ID Orthanc gives an instance: a SHA-1 of its patient and UIDs, in five groups."""
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    digest = hashlib.sha1(f"{dataset.PatientID}|{dataset.StudyInstanceUID}|"
+                          f"{dataset.SeriesInstanceUID}|{dataset.SOPInstanceUID}".encode()
+                          ).hexdigest()
+    return "-".join(digest[start:start + 8] for start in range(0, 40, 8))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicomgen import write_corpus
+from dicomgen import orthanc_id, write_corpus
 from faultproxy import Fault, FaultProxy, cycling
 from orthanc import PASSWORD, USER, OrthancServer
 from test_replicate import (REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
@@ -102,11 +102,19 @@ def test_files_lost_from_the_source_storage_fail_at_once_with_the_reason(
 
 def test_a_target_that_cannot_write_stops_the_run_even_with_ignore_errors(
         make_server, tmp_path, capsys) -> None:
+    more = write_corpus(tmp_path / "more", 3, 1, 1, rows=512, columns=512, frames=6,
+                        prefix="M")  # 3 MB each, each sent on its own
+    # 10 MB, first in the plan: uploaded first (Orthanc 1.10 lists in that order) and with
+    # the lowest ID (1.12 lists by ID)
+    first = min(orthanc_id(path) for path in more)
+    while True:
+        big_file = write_corpus(tmp_path / "big", 1, 1, 1, rows=512, columns=512, frames=20,
+                                prefix="B")
+        if orthanc_id(big_file[0]) < first:
+            break
     source = make_server("SOURCE")
-    big = source.upload(write_corpus(tmp_path / "big", 1, 1, 1, rows=512, columns=512,
-                                     frames=20, prefix="B"))  # 10 MB, first in the plan
-    source.upload(write_corpus(tmp_path / "more", 3, 1, 1, rows=512, columns=512, frames=6,
-                               prefix="M"))  # 3 MB each, each sent on its own
+    big = source.upload(big_file)
+    source.upload(more)
     # files over 8 MB cannot be written: to Orthanc, the same as a full disk
     target = make_server("TARGET", file_size_limit=8 * 1024 * 1024)
     code, out, err = run(capsys, args(source, target, tmp_path / "save", "--ignore-errors",
