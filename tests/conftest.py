@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dicomgen import write_corpus  # noqa: E402
-from orthanc import (ORTHANC_BINARY, OLD_ORTHANC_BINARY, OrthancServer,  # noqa: E402
-                     PostgresCluster)
+from orthanc import (NEW_ORTHANC_BINARY, OLD_ORTHANC_BINARY, ORTHANC_BINARY,  # noqa: E402
+                     OrthancServer, PostgresCluster)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -65,12 +65,22 @@ def target(make_server: Callable[..., OrthancServer]) -> OrthancServer:
     return make_server("TARGET")
 
 
+def installed(binary: str) -> str:
+    if not os.access(binary, os.X_OK):
+        raise pytest.UsageError(f"{binary} is missing; bash .ci/run installs it")
+    return binary
+
+
 @pytest.fixture
 def old_orthanc() -> str:
     """The binary of an older Orthanc (1.9.1), the kind of server a migration starts from."""
-    if not os.access(OLD_ORTHANC_BINARY, os.X_OK):
-        raise pytest.UsageError(f"{OLD_ORTHANC_BINARY} is missing; bash .ci/run installs it")
-    return OLD_ORTHANC_BINARY
+    return installed(OLD_ORTHANC_BINARY)
+
+
+@pytest.fixture
+def new_orthanc() -> str:
+    """The binary of a newer Orthanc (1.12.7), the kind of server a migration goes to."""
+    return installed(NEW_ORTHANC_BINARY)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,9 @@ from typing import Any, Iterable, Optional
 import requests
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-OLD_ORTHANC_BINARY = "/opt/orthanc-1.9.1/Orthanc"  # Debian 11's, installed by .ci/old-orthanc
+# Debian 11's and Debian 13's, installed by .ci/other-orthancs
+OLD_ORTHANC_BINARY = "/opt/orthanc-1.9.1/Orthanc"
+NEW_ORTHANC_BINARY = "/opt/orthanc-1.12.7/Orthanc"
 POSTGRESQL_BIN = Path("/usr/lib/postgresql/15/bin")
 POSTGRESQL_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so"
 USER, PASSWORD = "user", "password"
