@@ -894,6 +894,41 @@ def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
     return written, problems
 
 
+def labelled_resources(source: OrthancClient) -> list[tuple[str, str]]:
+    """(level, ID) of every resource that carries a label on the source: none before Orthanc
+    1.12 or on an index without labels."""
+    if not source.system.get("HasLabels"):
+        return []
+    labels = source.get("/tools/labels")
+    if not labels:
+        return []
+    found = []
+    for level in LEVEL_PATHS:
+        ids = source.json("POST", "/tools/find", json={
+            "Level": level, "Query": {}, "Labels": labels, "LabelsConstraint": "Any"})
+        found.extend((level, resource) for resource in ids)
+    return found
+
+
+def sync_labels(source: OrthancClient, target: OrthancClient, level: str,
+                resource: str) -> tuple[int, list[str]]:
+    """Add on the target the labels the source gives a resource; those only the target has
+    stay. A resource missing on either side is skipped, as by sync_metadata."""
+    path = f"/{LEVEL_PATHS[level]}/{resource}"
+    wanted = unless_missing(lambda: source.get(path + "/labels"))
+    present = unless_missing(lambda: target.get(path + "/labels"))
+    if wanted is None or present is None:
+        return 0, []
+    written, problems = 0, []
+    for label in sorted(set(wanted) - set(present)):
+        try:
+            target.send("PUT", f"{path}/labels/{label}")
+            written += 1
+        except HttpStatusError as error:
+            problems.append(f"label {label!r} of {level.lower()} {resource}: {error}")
+    return written, problems
+
+
 def verify_copy(source: OrthancClient, target: OrthancClient, instance_ids: list[str],
                 threads: int, progress: "Progress") -> tuple[int, int, list[tuple[str, str]]]:
     """Compare the MD5 that each server stored for every instance (no file is downloaded).
@@ -1432,8 +1467,8 @@ def _setup_argparser() -> ArgumentParser:
                      help="total bytes per second sent to the target across all threads, like "
                           "512K, 10M, 1G (binary units) (default: no limit)")
     run.add_argument("--no-metadata", action="store_true",
-                     help="do not copy user metadata and user attachments (index 1024-65535) "
-                          "(default: copy them)")
+                     help="do not copy user metadata, user attachments (index 1024-65535) "
+                          "and labels (default: copy them)")
     run.add_argument("--follow", action="store_true",
                      help="after the copy, keep copying what arrives on the source, until "
                           "Ctrl-C (default: off)")
@@ -1631,6 +1666,7 @@ class Run:
                                       and study not in plan.studies])
             if reading is not None:
                 self.copy_metadata(*reading.result())
+                self.copy_labels()
             if config.verify:
                 checked, gone, outcome.verify_problems = verify_copy(
                     source, target, plan.source_ids, config.threads, self.progress)
@@ -1673,13 +1709,33 @@ class Run:
         candidates = sorted(candidate for candidate in
                             (self.journal.candidates if every_known else fresh)
                             if self.in_selection(*candidate))
+        self.sync_each(candidates, sync_metadata, "metadata")
 
-        def one(candidate: tuple[str, str]) -> tuple[int, list[str]]:
-            return call_with_retries(lambda: sync_metadata(self.source, self.target, *candidate),
-                                     f"metadata of {candidate[0].lower()} {candidate[1]}",
+    def copy_labels(self) -> None:
+        """Add on the target the labels (Orthanc 1.12+) of every labelled resource. Orthanc
+        logs no change for labels: each run asks for all of them, 5 requests, then 2 for each
+        labelled resource."""
+        labelled = [candidate for candidate in labelled_resources(self.source)
+                    if self.in_selection(*candidate)]
+        if labelled and not self.target.system.get("HasLabels"):
+            problem = (f"{len(labelled)} resources carry labels on the source, but the target "
+                       f"(Orthanc {self.target.version}) cannot store labels (Orthanc 1.12 or "
+                       "newer can, on an index that supports them); they were not copied")
+            self.outcome.metadata_problems.append(("labels", problem))
+            log.error("metadata failed: %s", problem)
+            return
+        self.sync_each(labelled, sync_labels, "labels")
+
+    def sync_each(self, resources: list[tuple[str, str]],
+                  sync: Callable[[OrthancClient, OrthancClient, str, str], tuple[int, list[str]]],
+                  what: str) -> None:
+        """Run `sync` on every (level, ID), with retries, counting into the outcome."""
+        def one(resource: tuple[str, str]) -> tuple[int, list[str]]:
+            return call_with_retries(lambda: sync(self.source, self.target, *resource),
+                                     f"{what} of {resource[0].lower()} {resource[1]}",
                                      self.config.policy, self.stop)
         for (level, resource), (written, problems) in zip(
-                candidates, parallel_map(one, candidates, self.config.threads)):
+                resources, parallel_map(one, resources, self.config.threads)):
             self.outcome.metadata_written += written
             for problem in problems:
                 self.outcome.metadata_problems.append((resource, problem))

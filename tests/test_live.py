@@ -155,6 +155,66 @@ def test_from_an_orthanc_1_9_source(make_server, old_orthanc, corpus, tmp_path,
                               ).content == b"numbered attachment"
 
 
+def test_to_an_orthanc_1_12_target(make_server, new_orthanc, source, tmp_path,
+                                   capsys) -> None:
+    """Migrations go to newer servers: Orthanc 1.12 lists by ID and stores differently."""
+    target = make_server("TARGET", binary=new_orthanc)
+    assert target.get("/system")["Version"] == "1.12.7"
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--verify"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE
+    assert summary_value(out, "Verified:") == CORPUS_SIZE
+    assert target.md5s() == source.md5s()
+
+
+def label(server: OrthancServer, path: str, name: str) -> None:
+    server.session.put(f"{server.url}{path}/labels/{name}", timeout=60).raise_for_status()
+
+
+def test_labels_travel_between_orthanc_1_12_servers(make_server, new_orthanc, corpus,
+                                                    tmp_path, capsys) -> None:
+    source = make_server("SOURCE", binary=new_orthanc, **METADATA_CONFIG)
+    ids = source.upload(corpus)
+    study = source.get(f"/instances/{ids[0]}/study")["ID"]
+    patient = source.get(f"/studies/{study}")["ParentPatient"]
+    label(source, f"/studies/{study}", "urgent")
+    label(source, f"/studies/{study}", "second-read")
+    label(source, f"/patients/{patient}", "vip")
+    label(source, f"/instances/{ids[-1]}", "checked")
+    put(source, f"/studies/{study}/attachments/report", b"%PDF-1.4 a report")
+    target = make_server("TARGET", binary=new_orthanc, **METADATA_CONFIG)
+    save = tmp_path / "save"
+    code, out, err = run(capsys, args(source, target, save, "--verify"))
+    assert code == 0, err
+    assert summary_value(out, "Metadata:") == 5  # four labels and the attachment
+    assert target.get(f"/studies/{study}/labels") == ["second-read", "urgent"]
+    assert target.get(f"/patients/{patient}/labels") == ["vip"]
+    assert target.get(f"/instances/{ids[-1]}/labels") == ["checked"]
+    assert target.get(f"/instances/{ids[0]}/labels") == []
+    assert target.md5s() == source.md5s()
+
+    # one more label on each side: the source's is added, the target's own stays
+    label(source, f"/instances/{ids[0]}", "late")
+    label(target, f"/studies/{study}", "target-only")
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0, err
+    assert summary_value(out, "Metadata:") == 1
+    assert target.get(f"/instances/{ids[0]}/labels") == ["late"]
+    assert target.get(f"/studies/{study}/labels") == ["second-read", "target-only", "urgent"]
+
+
+def test_labels_a_target_cannot_store_are_a_failure(make_server, new_orthanc, corpus, target,
+                                                    tmp_path, capsys) -> None:
+    source = make_server("SOURCE", binary=new_orthanc)
+    ids = source.upload(corpus)
+    label(source, f"/instances/{ids[0]}", "checked")
+    code, out, err = run(capsys, args(source, target, tmp_path / "save"))
+    assert code == 1
+    assert summary_value(out, "Copied:") == len(corpus)
+    assert ("1 resources carry labels on the source, but the target (Orthanc 1.10.1) cannot "
+            "store labels") in err
+
+
 def test_metadata_the_target_does_not_declare_is_a_failure(make_server, corpus, tmp_path,
                                                            capsys) -> None:
     source = make_server("SOURCE", **METADATA_CONFIG)
