@@ -685,8 +685,13 @@ def describe_tls_error(error: BaseException) -> str:
 
 # ---- scanning -------------------------------------------------------------------------------
 def parallel_map(function: Callable[[str], T], items: list[str], threads: int) -> Iterator[T]:
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    """`function` over `items` on `threads` threads, results in order. Stopped early (Ctrl-C),
+    it drops what has not started and waits for what has."""
+    pool = ThreadPoolExecutor(max(1, threads))
+    try:
         yield from pool.map(function, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fetch_details(source: OrthancClient, wanted: set, total: Optional[int], level: str,
@@ -1729,17 +1734,22 @@ class Run:
     def sync_each(self, resources: list[tuple[str, str]],
                   sync: Callable[[OrthancClient, OrthancClient, str, str], tuple[int, list[str]]],
                   what: str) -> None:
-        """Run `sync` on every (level, ID), with retries, counting into the outcome."""
-        def one(resource: tuple[str, str]) -> tuple[int, list[str]]:
-            return call_with_retries(lambda: sync(self.source, self.target, *resource),
-                                     f"{what} of {resource[0].lower()} {resource[1]}",
-                                     self.config.policy, self.stop)
-        for (level, resource), (written, problems) in zip(
-                resources, parallel_map(one, resources, self.config.threads)):
-            self.outcome.metadata_written += written
+        """Run `sync` on every (level, ID), with retries. Each worker counts what it wrote
+        as soon as it is written, so that a Ctrl-C at any moment leaves the count true."""
+        lock = threading.Lock()
+
+        def one(resource: tuple[str, str]) -> None:
+            written, problems = call_with_retries(
+                lambda: sync(self.source, self.target, *resource),
+                f"{what} of {resource[0].lower()} {resource[1]}", self.config.policy, self.stop)
+            with lock:
+                self.outcome.metadata_written += written
+                self.outcome.metadata_problems.extend((resource[1], problem)
+                                                      for problem in problems)
             for problem in problems:
-                self.outcome.metadata_problems.append((resource, problem))
                 log.error("metadata failed: %s", problem)
+        for _ in parallel_map(one, resources, self.config.threads):
+            pass
 
     def follow(self, position: int, known: set[str]) -> None:
         """Copy what arrives on the source until Ctrl-C, polling its change log. A server that
@@ -1918,6 +1928,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--verbose" in (argv if argv is not None else sys.argv[1:])
     setup_logging(False, verbose)
     stop = threading.Event()
+    replaced = interrupt_handlers(stop)
     try:
         config = parse_config(argv, dict(os.environ))
         setup_logging(config.quiet, config.verbose)
@@ -1930,14 +1941,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         return error_status(error)[0]
     finally:
         stop.set()
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt()
+def interrupt_handlers(stop: threading.Event) -> dict:
+    """Make Ctrl-C (SIGINT) and SIGTERM set `stop` first, which every worker watches between
+    blocks, requests and retries, then raise KeyboardInterrupt in the main thread. Returns
+    the handlers replaced, to put back."""
+    def interrupt(signum: int, frame: Any) -> None:
+        stop.set()
+        raise KeyboardInterrupt()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminate)
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

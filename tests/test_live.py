@@ -215,6 +215,38 @@ def test_labels_a_target_cannot_store_are_a_failure(make_server, new_orthanc, co
             "store labels") in err
 
 
+SLOW_METADATA_LUA = """
+function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  if method == "PUT" and string.find(uri, "/metadata/") then
+    print("PUT-METADATA")
+    os.execute("sleep 0.2")
+  end
+  return true
+end
+"""
+
+
+def test_ctrl_c_during_the_metadata_counts_what_was_written(make_server, corpus, tmp_path,
+                                                            capsys) -> None:
+    source = make_server("SOURCE", **METADATA_CONFIG)
+    ids = source.upload(corpus)
+    for instance in ids:
+        put(source, f"/instances/{instance}/metadata/Sample", instance.encode())
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "slow", SLOW_METADATA_LUA)],
+                         **METADATA_CONFIG)
+    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, tmp_path / "save",
+                                                               "--threads", "2")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (target.folder / "orthanc.log").read_text().count("PUT-METADATA") >= 4)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    written = sum(target.session.get(f"{target.url}/instances/{instance}/metadata/Sample"
+                                     ).status_code == 200 for instance in ids)
+    assert 0 < written < len(ids), "the interrupt came too late to test"
+    assert summary_value(out, "Metadata:") == written
+
+
 def test_metadata_the_target_does_not_declare_is_a_failure(make_server, corpus, tmp_path,
                                                            capsys) -> None:
     source = make_server("SOURCE", **METADATA_CONFIG)
