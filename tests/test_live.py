@@ -85,6 +85,13 @@ def put(server: OrthancServer, path: str, data: bytes) -> None:
     server.session.put(server.url + path, data=data, timeout=60).raise_for_status()
 
 
+def fetch(server: OrthancServer, path: str) -> bytes:
+    """The raw answer to a GET: a metadata value or an attachment's data."""
+    answer = server.session.get(server.url + path, timeout=60)
+    answer.raise_for_status()
+    return answer.content
+
+
 def test_user_metadata_and_attachments_travel(make_server, corpus, tmp_path, capsys) -> None:
     source = make_server("SOURCE", **METADATA_CONFIG)
     instance = source.upload(corpus[:4])[0]
@@ -99,14 +106,10 @@ def test_user_metadata_and_attachments_travel(make_server, corpus, tmp_path, cap
     save = tmp_path / "save"
     code, out, err = run(capsys, args(source, target, save))
     assert code == 0, err
-    assert target.session.get(f"{target.url}/instances/{instance}/metadata/Sample").text == \
-        "instance value"
-    assert target.session.get(f"{target.url}/series/{series}/metadata/2000").text == \
-        "series value"
-    assert target.session.get(f"{target.url}/studies/{study}/attachments/report/data"
-                              ).content == b"%PDF-1.4 a report"
-    assert target.session.get(f"{target.url}/patients/{patient}/attachments/3000/data"
-                              ).content == b"numbered attachment"
+    assert fetch(target, f"/instances/{instance}/metadata/Sample") == b"instance value"
+    assert fetch(target, f"/series/{series}/metadata/2000") == b"series value"
+    assert fetch(target, f"/studies/{study}/attachments/report/data") == b"%PDF-1.4 a report"
+    assert fetch(target, f"/patients/{patient}/attachments/3000/data") == b"numbered attachment"
     assert summary_value(out, "Metadata:") == 4
     # system metadata stay the target's own
     assert target.get(f"/instances/{instance}/metadata?expand")["Origin"] == "RestApi"
@@ -117,8 +120,7 @@ def test_user_metadata_and_attachments_travel(make_server, corpus, tmp_path, cap
     put(source, f"/instances/{instance}/metadata/Sample", b"changed")
     code, out, err = run(capsys, args(source, target, save))
     assert code == 0 and summary_value(out, "Metadata:") == 1
-    assert target.session.get(f"{target.url}/instances/{instance}/metadata/Sample").text == \
-        "changed"
+    assert fetch(target, f"/instances/{instance}/metadata/Sample") == b"changed"
 
     # --no-metadata copies the instances alone
     bare = make_server("BARE", **METADATA_CONFIG)
@@ -147,12 +149,9 @@ def test_from_an_orthanc_1_9_source(make_server, old_orthanc, corpus, tmp_path,
     assert summary_value(out, "Verified:") == len(corpus)
     assert summary_value(out, "Metadata:") == 3
     assert target.md5s() == source.md5s()
-    assert target.session.get(f"{target.url}/instances/{ids[0]}/metadata/Sample").text == \
-        "old value"
-    assert target.session.get(f"{target.url}/studies/{study}/attachments/report/data"
-                              ).content == b"%PDF-1.4 an old report"
-    assert target.session.get(f"{target.url}/studies/{study}/attachments/3000/data"
-                              ).content == b"numbered attachment"
+    assert fetch(target, f"/instances/{ids[0]}/metadata/Sample") == b"old value"
+    assert fetch(target, f"/studies/{study}/attachments/report/data") == b"%PDF-1.4 an old report"
+    assert fetch(target, f"/studies/{study}/attachments/3000/data") == b"numbered attachment"
 
 
 def test_to_an_orthanc_1_12_target(make_server, new_orthanc, source, tmp_path,
