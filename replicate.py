@@ -71,6 +71,7 @@ BATCH_MAX_BYTES = 4 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 PACED_BLOCK = 64 * 1024
 LISTING_PAGE = 2000
+LISTING_TIMEOUT = 600.0  # seconds to the first byte of an answer over the whole server
 # Below this share of the source (1/20) the details of missing instances are asked one by one;
 # above it one paged listing is cheaper.
 DETAIL_ONE_BY_ONE_RATIO = 20
@@ -582,9 +583,9 @@ class OrthancClient:
             self._sessions.clear()
 
     def send(self, method: str, path: str, stream: bool = False,
-             **kwargs: Any) -> requests.Response:
+             read_timeout: Optional[float] = None, **kwargs: Any) -> requests.Response:
         """One request, no retry; raises HttpStatusError on an error status."""
-        timeout = (min(10.0, self.policy.timeout), self.policy.timeout)
+        timeout = (min(10.0, self.policy.timeout), read_timeout or self.policy.timeout)
         response = self.session().request(method, self.endpoint.url + path, timeout=timeout,
                                           stream=stream, allow_redirects=False, **kwargs)
         if response.status_code >= 300:
@@ -611,6 +612,13 @@ class OrthancClient:
 
     def get(self, path: str) -> Any:
         return self.json("GET", path)
+
+    def whole(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A request over the whole server (every instance ID, a search), which Orthanc answers
+        only once it has all of it: minutes for tens of millions of instances. It may wait
+        LISTING_TIMEOUT for the first byte, if that is longer than --timeout."""
+        return self.json(method, path, read_timeout=max(self.policy.timeout, LISTING_TIMEOUT),
+                         **kwargs)
 
     def text(self, path: str) -> str:
         """A GET of a plain text answer, with retries."""
@@ -730,9 +738,10 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int,
     """List both servers (one request each) and describe only what the target lacks."""
     progress = progress or Progress(False)
     statistics = source.get("/statistics")
-    listed_studies = source.get("/studies")  # before the instances: see Plan.listed_studies
-    source_ids = source.get("/instances")
-    target_ids = set(target.get("/instances"))
+    # the studies before the instances: see Plan.listed_studies
+    listed_studies = source.whole("GET", "/studies")
+    source_ids = source.whole("GET", "/instances")
+    target_ids = set(target.whole("GET", "/instances"))
     missing = {instance for instance in source_ids if instance not in target_ids}
     details: dict[str, tuple[int, str]] = {}
     series_study: dict[str, str] = {}
@@ -760,7 +769,7 @@ def select_studies(source: OrthancClient, query: dict[str, str], studies: list[s
     """Study IDs of the selection: those matching every --query tag, plus each --study."""
     selected: list[str] = []
     if query:
-        selected = source.json("POST", "/tools/find", json={
+        selected = source.whole("POST", "/tools/find", json={
             "Level": "Study", "Query": query, "Expand": False})
     for study in studies:
         for found in find_study(source, study):
@@ -787,7 +796,7 @@ def find_study(source: OrthancClient, study: str) -> list[str]:
 def scan_selection(source: OrthancClient, target: OrthancClient, studies: list[str],
                    threads: int) -> Plan:
     """Like scan, for selected studies only: one request per study for their instances."""
-    target_ids = set(target.get("/instances"))
+    target_ids = set(target.whole("GET", "/instances"))
 
     def instances_of(study: str) -> list[dict]:  # none if deleted since it was selected
         return unless_missing(lambda: source.get(f"/studies/{study}/instances")) or []
@@ -909,7 +918,7 @@ def labelled_resources(source: OrthancClient) -> list[tuple[str, str]]:
         return []
     found = []
     for level in LEVEL_PATHS:
-        ids = source.json("POST", "/tools/find", json={
+        ids = source.whole("POST", "/tools/find", json={
             "Level": level, "Query": {}, "Labels": labels, "LabelsConstraint": "Any"})
         found.extend((level, resource) for resource in ids)
     return found
@@ -1461,7 +1470,8 @@ def _setup_argparser() -> ArgumentParser:
                      help="retries of a request after a connection error, timeout, 429 or 5xx, "
                           "with backoff up to 15 s (default: 8: 48 to 60 s of waiting)")
     run.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                     help="seconds to wait for a server's answer (default: 60)")
+                     help="seconds to wait for a server's answer (default: 60; listings "
+                          "of a whole server may take up to 600)")
     run.add_argument("--verify", action="store_true",
                      help="after copying, compare every instance's stored MD5 on both servers "
                           "and name each one missing or different (default: off)")

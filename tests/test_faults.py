@@ -21,7 +21,7 @@ import pytest
 from dicomgen import orthanc_id, write_corpus
 from faultproxy import Fault, FaultProxy, cycling
 from orthanc import PASSWORD, USER, OrthancServer
-from test_replicate import (REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
+from test_replicate import (CORPUS_SIZE, REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
                             slow_lua, summary_value, wait_for)
 
 
@@ -62,6 +62,22 @@ def test_target_killed_and_restarted_mid_run(make_server, source, tmp_path) -> N
     assert process.returncode == 0, err
     assert "retrying" in err
     assert target.md5s() == source.md5s()
+
+
+def test_a_listing_slower_than_timeout_is_waited_for(make_server, source, tmp_path,
+                                                      capsys) -> None:
+    # Orthanc answers GET /instances only once it has every ID: on tens of millions of
+    # instances, longer than a request's --timeout
+    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "slow-listing", """
+function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  if method == "GET" and uri == "/instances" then os.execute("sleep 2.5") end
+  return true
+end
+""")])
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--timeout", "1",
+                                      "--retries", "0"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE
 
 
 def test_a_server_down_for_good_fails_with_the_cause_and_attempts(source, target, tmp_path,
