@@ -72,6 +72,7 @@ CHUNK_SIZE = 1024 * 1024
 PACED_BLOCK = 64 * 1024
 LISTING_PAGE = 2000
 LISTING_TIMEOUT = 600.0  # seconds to the first byte of an answer over the whole server
+PROGRESS_LOG_SECONDS = 60.0  # without a terminal, a progress line in the log this often
 # Below this share of the source (1/20) the details of missing instances are asked one by one;
 # above it one paged listing is cheaper.
 DETAIL_ONE_BY_ONE_RATIO = 20
@@ -1288,15 +1289,22 @@ class Copier:
 
 # ---- progress and the final report ----------------------------------------------------------
 class Progress:
-    """An alive-progress bar on stderr when it is a terminal and not quiet, else nothing."""
+    """An alive-progress bar on stderr when it is a terminal; else, when `log_every` is given
+    (a run under cron, nohup or systemd), a progress line in the log that often; else
+    nothing."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool, log_every: Optional[float] = None) -> None:
+        self.enabled, self.log_every = enabled, log_every
         self._context: Any = None
         self._bar: Any = None
+        self._logging: Optional[dict] = None
 
     def start(self, total: int, title: str, unit: str = "", scale: Any = False) -> None:
         if not self.enabled:
+            if self.log_every is not None:
+                now = time.monotonic()
+                self._logging = {"total": total, "title": title, "bytes": unit == "B",
+                                 "done": 0, "started": now, "logged": now}
             return
         from alive_progress import alive_bar
         self._context = alive_bar(total, title=title, unit=unit, scale=scale, file=sys.stderr,
@@ -1308,11 +1316,54 @@ class Progress:
             self._bar(amount)
             if text:
                 self._bar.text(text)
+        state = self._logging
+        if state is not None and self.log_every is not None:
+            state["done"] += amount
+            now = time.monotonic()
+            if now - state["logged"] >= self.log_every:
+                state["logged"] = now
+                log.info("%s %s", time.strftime("%H:%M:%S"), progress_line(
+                    state["title"], state["done"], state["total"], state["bytes"],
+                    now - state["started"], text))
 
     def finish(self) -> None:
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = self._bar = None
+        self._logging = None
+
+
+def progress_line(title: str, done: float, total: float, in_bytes: bool, elapsed: float,
+                  text: str = "") -> str:
+    """'copying: 120/400 instances, 1.2 MB of 3.6 MB (33%), 1.0 MB/s, about 2 s left'"""
+    show = format_bytes if in_bytes else format_count
+    parts = [f"{title}:"]
+    if text:
+        parts.append(f"{text},")
+    parts.append(f"{show(done)} of {show(total)}")
+    if total > 0:
+        parts[-1] += f" ({100 * done / total:.0f}%)"
+    if done > 0 and elapsed > 0:
+        rate = done / elapsed
+        parts[-1] += ","
+        parts.append(f"{show(rate)}/s," if in_bytes else f"{rate:,.0f}/s,")
+        parts.append(f"about {format_duration(max(total - done, 0) / rate)} left")
+    return " ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 5 min', '2 d 4 h': precise enough for an estimate."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
 
 
 def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
@@ -1634,7 +1685,9 @@ class Run:
         self.config, self.stop = config, stop
         self.say: Callable[[str], None] = (lambda text: None) if config.quiet else \
             (lambda text: print(text, flush=True))
-        self.progress = Progress(not config.quiet and sys.stderr.isatty())
+        terminal = sys.stderr.isatty()
+        self.progress = Progress(not config.quiet and terminal,
+                                 None if config.quiet or terminal else PROGRESS_LOG_SECONDS)
         self.outcome = Outcome()
         self.plan: Optional[Plan] = None
         self.selected: Optional[list[str]] = None

@@ -347,6 +347,26 @@ def test_kill_mid_run_then_resume(make_server, source, tmp_path, capsys) -> None
     assert sorted(journal_studies(save)) == sorted(source.get("/studies"))
 
 
+def test_without_a_terminal_progress_goes_to_the_log(make_server, source, tmp_path, capsys,
+                                                     monkeypatch) -> None:
+    """Under cron, nohup or systemd there is no bar: a line in the log, every minute by
+    default (here every 0.3 s), says how far the copy is."""
+    monkeypatch.setattr(replicate, "PROGRESS_LOG_SECONDS", 0.3)
+    target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--threads", "1"))
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if " copying: " in line]
+    assert len(lines) >= 2, err  # a line once a batch lands and the interval has passed
+    counts = [int(re.search(r"copying: (\d+)/29 instances, ", line).group(1)) for line in lines]
+    assert counts == sorted(counts) and 0 < counts[-1] <= CORPUS_SIZE
+    assert all(re.search(r"\(\d+%\), .*/s, about .* left$", line) for line in lines), lines
+
+    # -q silences them, even when every landed batch would give one
+    monkeypatch.setattr(replicate, "PROGRESS_LOG_SECONDS", 0.0)
+    code, out, err = run(capsys, args(source, make_server("QUIET"), tmp_path / "quiet", "-q"))
+    assert code == 0 and " copying: " not in err
+
+
 def test_a_second_run_on_the_same_save_file_is_refused(make_server, source, tmp_path,
                                                        capsys) -> None:
     target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])

@@ -356,3 +356,15 @@ def test_read_only_journal_writes_nothing(tmp_path: Path) -> None:
     journal.studies_done([("s1", 1, 1)])
     journal.close()
     assert not path.exists()
+
+
+def test_progress_line_and_durations() -> None:
+    assert replicate.progress_line("copying", 1_200_000, 3_600_000, True, 1.2,
+                                   "120/400 instances") == \
+        "copying: 120/400 instances, 1.2 MB of 3.6 MB (33%), 1.0 MB/s, about 2 s left"
+    assert replicate.progress_line("scanning", 12_000, 24_000, False, 4.0) == \
+        "scanning: 12,000 of 24,000 (50%), 3,000/s, about 4 s left"
+    assert replicate.progress_line("copying", 0, 100, True, 0.0) == "copying: 0 B of 100 B (0%)"
+    assert [replicate.format_duration(seconds) for seconds in
+            (0, 44.6, 60, 3599, 3 * 3600 + 300, 3 * 86400 + 4 * 3600)] == \
+        ["0 s", "45 s", "1 min", "59 min", "3 h 5 min", "3 d 4 h"]
