@@ -65,10 +65,19 @@ def write_corpus(folder: Path, studies: int, series: int, instances: int,
                 dataset = make_instance(patient_id, study_uid, series_uid, number + 1,
                                         rows, columns, frames, study_date)
                 path = folder / f"{prefix}-{study}-{serie}-{number}.dcm"
-                dataset.save_as(path, enforce_file_format=True)
+                write_dicom(dataset, path)
                 paths.append(path)
     return paths
 
+
+
+def write_dicom(dataset: FileDataset, path: Path) -> None:
+    """Write a DICOM file with its preamble and meta header, with pydicom 3 or 2 (which
+    Python 3.9 gets)."""
+    try:
+        dataset.save_as(path, enforce_file_format=True)
+    except TypeError:  # pydicom 2: the same, under its older name
+        dataset.save_as(path, write_like_original=False)
 
 
 def orthanc_id(path: Path) -> str:

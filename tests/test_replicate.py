@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 
 import replicate
-from dicomgen import make_instance, write_corpus
+from dicomgen import make_instance, write_corpus, write_dicom
 from orthanc import PASSWORD, USER, OrthancServer, PostgresCluster, free_port
 
 SCRIPT = str(Path(replicate.__file__).resolve())
@@ -157,7 +157,7 @@ def test_instances_added_later_to_a_copied_study(source, target, tmp_path, capsy
     study = source.get(f"/studies/{sorted(source.get('/studies'))[0]}")
     late = make_instance(study["PatientMainDicomTags"]["PatientID"],
                          study["MainDicomTags"]["StudyInstanceUID"], "1.2.3.4.5.6.7", 1)
-    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    write_dicom(late, tmp_path / "late.dcm")
     late_id = source.upload([tmp_path / "late.dcm"])[0]
     assert study["ID"] in journal_studies(save)  # the earlier run completed that study
 
