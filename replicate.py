@@ -37,7 +37,7 @@ import zipfile
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, Optional, TypeVar
 
 import requests
 import requests.adapters
@@ -703,13 +703,14 @@ def parallel_map(function: Callable[[str], T], items: list[str], threads: int) -
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def fetch_details(source: OrthancClient, wanted: set, total: Optional[int], level: str,
-                  threads: int, read: Callable[[dict], T],
+def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optional[int],
+                  level: str, threads: int, read: Callable[[dict], T],
                   advance: Callable[[int], None] = lambda count: None) -> dict[str, T]:
     """Details of the `wanted` resources of a level: one paged expanded listing when they are
     many, one request each when they are few. Paging on SQLite is unstable while the server
     receives data, so whatever the pages missed is asked for one by one afterwards; a resource
-    gone by then (404) is left out. `total` None: always one by one."""
+    gone by then (404) is left out. `total` None: always one by one. `wanted` may map each ID
+    to itself: the answer is then keyed by those strings rather than by a copy of each."""
     found: dict[str, T] = {}
     if total is not None and len(wanted) * DETAIL_ONE_BY_ONE_RATIO > total:
         since = 0
@@ -718,7 +719,8 @@ def fetch_details(source: OrthancClient, wanted: set, total: Optional[int], leve
             before = len(found)
             for record in page:
                 if record["ID"] in wanted:
-                    found[record["ID"]] = read(record)
+                    key = wanted[record["ID"]] if isinstance(wanted, dict) else record["ID"]
+                    found[key] = read(record)
             advance(len(found) - before)
             if len(page) < LISTING_PAGE:
                 break
@@ -743,17 +745,22 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int,
     listed_studies = source.whole("GET", "/studies")
     source_ids = source.whole("GET", "/instances")
     target_ids = set(target.whole("GET", "/instances"))
-    missing = {instance for instance in source_ids if instance not in target_ids}
+    # ID -> the same ID: the details are then keyed by these strings, not by copies of them
+    missing = {instance: instance for instance in source_ids if instance not in target_ids}
     details: dict[str, tuple[int, str]] = {}
     series_study: dict[str, str] = {}
     if missing:
         log.debug("scan: %d instances missing on the target, asking for their details",
                   len(missing))
+        series_ids: dict[str, str] = {}  # one string per series, not one copy per instance
+
+        def size_and_series(record: dict) -> tuple[int, str]:
+            series = record["ParentSeries"]
+            return int(record["FileSize"]), series_ids.setdefault(series, series)
         progress.start(len(missing), "scanning")
         try:
             details = fetch_details(source, missing, len(source_ids), "instances", threads,
-                                    lambda record: (int(record["FileSize"]),
-                                                    record["ParentSeries"]), progress.advance)
+                                    size_and_series, progress.advance)
         finally:
             progress.finish()
         series = {detail[1] for detail in details.values()}
