@@ -736,6 +736,24 @@ def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optiona
     return found
 
 
+def describe_instances(source: OrthancClient, wanted: Collection[str], total: Optional[int],
+                       series_total: Optional[int], threads: int,
+                       advance: Callable[[int], None] = lambda count: None
+                       ) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
+    """What the plan needs of the `wanted` instances: ID -> (size, series), and series ->
+    study. `total` and `series_total` are the source's counts (None: one request each)."""
+    series_ids: dict[str, str] = {}  # one string per series, not one copy per instance
+
+    def size_and_series(record: dict) -> tuple[int, str]:
+        series = record["ParentSeries"]
+        return int(record["FileSize"]), series_ids.setdefault(series, series)
+    details = fetch_details(source, wanted, total, "instances", threads, size_and_series,
+                            advance)
+    series_study = fetch_details(source, set(series_ids), series_total, "series", threads,
+                                 lambda record: record["ParentStudy"])
+    return details, series_study
+
+
 def scan(source: OrthancClient, target: OrthancClient, threads: int,
          progress: Optional["Progress"] = None) -> Plan:
     """List both servers (one request each) and describe only what the target lacks."""
@@ -752,20 +770,13 @@ def scan(source: OrthancClient, target: OrthancClient, threads: int,
     if missing:
         log.debug("scan: %d instances missing on the target, asking for their details",
                   len(missing))
-        series_ids: dict[str, str] = {}  # one string per series, not one copy per instance
-
-        def size_and_series(record: dict) -> tuple[int, str]:
-            series = record["ParentSeries"]
-            return int(record["FileSize"]), series_ids.setdefault(series, series)
         progress.start(len(missing), "scanning")
         try:
-            details = fetch_details(source, missing, len(source_ids), "instances", threads,
-                                    size_and_series, progress.advance)
+            details, series_study = describe_instances(
+                source, missing, len(source_ids), int(statistics.get("CountSeries", 0)),
+                threads, progress.advance)
         finally:
             progress.finish()
-        series = {detail[1] for detail in details.values()}
-        series_study = fetch_details(source, series, int(statistics.get("CountSeries", 0)),
-                                     "series", threads, lambda record: record["ParentStudy"])
     plan = plan_copy(source_ids, target_ids, details, series_study,
                      int(statistics.get("TotalUncompressedSize", 0)), len(listed_studies))
     plan.listed_studies = listed_studies
@@ -1849,12 +1860,8 @@ class Run:
         if arrived:
             if config.query:
                 self.selected = select_studies(self.source, config.query, config.studies)
-            details = fetch_details(self.source, set(arrived), None, "instances",
-                                    config.threads, lambda r: (int(r["FileSize"]),
-                                                               r["ParentSeries"]))
-            series = {detail[1] for detail in details.values()}
-            series_study = fetch_details(self.source, series, None, "series", config.threads,
-                                         lambda record: record["ParentStudy"])
+            details, series_study = describe_instances(self.source, set(arrived), None, None,
+                                                       config.threads)
             plan = plan_copy(arrived, set(), details, series_study, 0, 0)
             if self.selected is not None:
                 chosen = set(self.selected)
