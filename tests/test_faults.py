@@ -22,7 +22,7 @@ from dicomgen import orthanc_id, write_corpus
 from faultproxy import Fault, FaultProxy, cycling
 from orthanc import PASSWORD, USER, OrthancServer
 from test_replicate import (CORPUS_SIZE, REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
-                            slow_lua, summary_value, wait_for)
+                            slow_lua, start_process, summary_value, wait_for)
 
 
 def proxied(source: OrthancServer, proxy: FaultProxy, save: Path, *extra: str) -> list[str]:
@@ -50,9 +50,7 @@ def test_resets_cuts_and_stalls_on_the_way_to_the_target(source, target, tmp_pat
 def test_target_killed_and_restarted_mid_run(make_server, source, tmp_path) -> None:
     target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
     save = tmp_path / "save"
-    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, save, "-v",
-                                                               "--threads", "2")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_process(args(source, target, save, "-v", "--threads", "2"))
     wait_for(lambda: save.exists() and len(journal_studies(save)) >= 1)
     target.kill()
     time.sleep(2)
@@ -170,9 +168,7 @@ def test_an_instance_deleted_during_the_copy_is_counted_as_vanished(make_server,
                                        frames=5, prefix="B"))[0]
     slow = make_server("SLOW", LuaScripts=[slow_lua(tmp_path, 0.2)])
     save = tmp_path / "save"
-    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, slow, save,
-                                                               "--threads", "1")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_process(args(source, slow, save, "--threads", "1"))
     # the ten small ones travel first, one archive taking 2 s to store
     wait_for(lambda: len(slow.instances()) >= 1)
     source.session.delete(f"{source.url}/instances/{large}", timeout=60).raise_for_status()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 from dicomgen import write_corpus
 from orthanc import OrthancServer
-from test_replicate import (COUNT_POSTS_LUA, CORPUS_SIZE, SCRIPT, args, instances_of_patient,
-                            journal_studies, lua, posts_seen, run, summary_value, wait_for)
+from test_replicate import (COUNT_POSTS_LUA, CORPUS_SIZE, args, instances_of_patient,
+                            journal_studies, lua, posts_seen, run, start_process,
+                            summary_value, wait_for)
 
 
 def test_dry_run_writes_nothing(make_server, source, tmp_path, capsys) -> None:
@@ -233,9 +233,7 @@ def test_ctrl_c_during_the_metadata_counts_what_was_written(make_server, corpus,
         put(source, f"/instances/{instance}/metadata/Sample", instance.encode())
     target = make_server("TARGET", LuaScripts=[lua(tmp_path, "slow", SLOW_METADATA_LUA)],
                          **METADATA_CONFIG)
-    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, tmp_path / "save",
-                                                               "--threads", "2")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_process(args(source, target, tmp_path / "save", "--threads", "2"))
     wait_for(lambda: (target.folder / "orthanc.log").read_text().count("PUT-METADATA") >= 4)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
@@ -280,9 +278,7 @@ end
 
 def test_follow_copies_new_arrivals_and_resumes(source, target, tmp_path) -> None:
     save = tmp_path / "save"
-    command = [sys.executable, SCRIPT, *args(source, target, save, "--follow", "--poll", "0.3")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = follow(source, target, save)
     try:
         wait_for(lambda: len(target.instances()) == CORPUS_SIZE)
         arrived = source.upload(write_corpus(tmp_path / "live", 1, 1, 3, prefix="F"))
@@ -298,8 +294,7 @@ def test_follow_copies_new_arrivals_and_resumes(source, target, tmp_path) -> Non
 
     # stopped: one more arrives; a restarted --follow takes it, sending nothing else again
     late = source.upload(write_corpus(tmp_path / "late", 1, 1, 1, prefix="G"))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = follow(source, target, save)
     try:
         wait_for(lambda: set(late) <= target.instances(), seconds=20)
         time.sleep(1)
@@ -313,9 +308,7 @@ def test_follow_copies_new_arrivals_and_resumes(source, target, tmp_path) -> Non
 
 
 def follow(source: OrthancServer, target: OrthancServer, save, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, SCRIPT, *args(source, target, save, "--follow", "--poll", "0.3",
-                                             *extra)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_process(args(source, target, save, "--follow", "--poll", "0.3", *extra))
 
 
 def test_follow_waits_for_servers_that_restart(source, target, tmp_path) -> None:

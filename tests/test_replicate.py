@@ -60,6 +60,12 @@ def run_process(argv: list[str], **kwargs: object) -> subprocess.CompletedProces
                           timeout=120, **kwargs)
 
 
+def start_process(argv: list[str]) -> subprocess.Popen:
+    """The tool in a child process, its stdout and stderr kept for communicate()."""
+    return subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def summary_value(out: str, label: str) -> int:
     for line in out.splitlines():
         if line.startswith(label):
@@ -371,9 +377,7 @@ def test_a_second_run_on_the_same_save_file_is_refused(make_server, source, tmp_
                                                        capsys) -> None:
     target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
     save = tmp_path / "save"
-    first = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, save, "--threads",
-                                                            "1")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start_process(args(source, target, save, "--threads", "1"))
     wait_for(lambda: save.exists() and save.stat().st_size > 0)
     code, out, err = run(capsys, args(source, target, save))
     assert code == 2
@@ -388,9 +392,7 @@ def test_a_second_run_on_the_same_save_file_is_refused(make_server, source, tmp_
 def test_ctrl_c_exits_130_and_resumes(make_server, source, tmp_path, capsys) -> None:
     target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
     save = tmp_path / "save"
-    process = subprocess.Popen([sys.executable, SCRIPT, *args(source, target, save,
-                                                               "--threads", "1")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_process(args(source, target, save, "--threads", "1"))
     wait_for(lambda: save.exists() and len(journal_studies(save)) >= 1)
     interrupted_at = time.monotonic()
     process.send_signal(signal.SIGINT)
