@@ -37,6 +37,7 @@ import zipfile
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections import deque
 from typing import Any, Callable, Collection, Iterable, Iterator, Optional, TypeVar
 
 import requests
@@ -73,6 +74,12 @@ PACED_BLOCK = 64 * 1024
 LISTING_PAGE = 2000
 LISTING_TIMEOUT = 600.0  # seconds to the first byte of an answer over the whole server
 PROGRESS_LOG_SECONDS = 60.0  # without a terminal, a progress line in the log this often
+# A study of up to this many instances is described by one expanded listing (about 1 KB of
+# memory an instance while it is read); a larger one series by series.
+STUDY_LISTING_MAX = 2000
+# Studies checked ahead of the transfers, and instances waiting for a batch, at most.
+CHECKS_AHEAD = 8
+WAITING_MAX = 4 * BATCH_MAX_INSTANCES
 # Below this share of the source (1/20) the details of missing instances are asked one by one;
 # above it one paged listing is cheaper.
 DETAIL_ONE_BY_ONE_RATIO = 20
@@ -98,6 +105,7 @@ LASTING_ORTHANC_ERRORS = frozenset([13, 19, 20, 2001, 2006])
 TARGET_CANNOT_STORE = frozenset([14, 19, 2001])
 
 log = logging.getLogger("replicate")
+A = TypeVar("A")
 T = TypeVar("T")
 
 
@@ -194,6 +202,7 @@ class Config:
     report: Optional[Path] = None
     follow: bool = False
     poll: float = 2.0
+    recheck: bool = False
 
 
 class Instance:
@@ -221,28 +230,18 @@ class Batch:
 
 
 @dataclass
-class Plan:
-    source_instances: int
-    source_bytes: int
-    source_studies: int
-    studies: dict[str, list[Instance]]  # study ID -> its missing instances, in source order
-    vanished: int = 0
-    # Studies listed before the instances: each one not in `studies` was complete on the target.
-    listed_studies: list[str] = field(default_factory=list)
-    source_ids: list[str] = field(default_factory=list)  # what --verify checks
+class StudyCheck:
+    """What one study holds on the source and what of it the target lacks."""
+
+    study: str
+    missing: list[Instance] = field(default_factory=list)
+    present: int = 0  # instances the target already had
+    vanished: int = 0  # listed by the source, then gone before their size was read
+    gone: bool = False  # the study itself is no longer on the source
 
     @property
-    def missing(self) -> int:
-        return sum(len(instances) for instances in self.studies.values())
-
-    @property
-    def present(self) -> int:
-        """Source instances the target already had when the scan looked."""
-        return self.source_instances - self.missing - self.vanished
-
-    @property
-    def missing_bytes(self) -> int:
-        return sum(i.size for instances in self.studies.values() for i in instances)
+    def instances(self) -> int:
+        return len(self.missing) + self.present + self.vanished
 
 
 @dataclass
@@ -262,11 +261,20 @@ class BatchResult:
 
 @dataclass
 class Outcome:
+    studies: int = 0  # studies on the source, or selected there
+    studies_skipped: int = 0  # complete in earlier runs and untouched since: not looked at
+    skipped_instances: int = 0  # what the save file says those studies hold
+    studies_checked: int = 0
+    present: int = 0  # instances of the studies checked that the target already had
+    missing: int = 0  # instances of the studies checked that the target lacked
+    missing_bytes: int = 0
+    studies_missing: int = 0  # studies checked that lacked something
     copied: int = 0
     copied_bytes: int = 0
     already: int = 0
     vanished: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # instance or study, why
+    failed_studies: set[str] = field(default_factory=set)  # those of `failed` that are studies
     interrupted: bool = False
     stopped_on_failure: bool = False
     target_full: Optional[str] = None  # why the run stopped for the target's storage
@@ -274,6 +282,10 @@ class Outcome:
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
     metadata_written: int = 0
     metadata_problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def already_there(self) -> int:
+        return self.skipped_instances + self.present + self.already
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -384,53 +396,77 @@ def pick_credentials(role: str, url_text: str, username_flag: Optional[str],
     return Endpoint(role, url, username, password if given else "orthanc", given)
 
 
-def plan_copy(source_ids: Iterable[str], target_ids: set, details: dict[str, tuple[int, str]],
-              series_study: dict[str, str], source_bytes: int, source_studies: int) -> Plan:
-    """The difference by instance ID, grouped by study in source order.
-
-    `details` maps each missing instance ID to (size, series); a missing ID without details
-    vanished from the source during the scan and is counted, not copied.
-    """
-    studies: dict[str, list[Instance]] = {}
-    count = vanished = 0
-    for instance_id in source_ids:
-        count += 1
-        if instance_id in target_ids:
-            continue
-        detail = details.get(instance_id)
-        study = series_study.get(detail[1]) if detail else None
-        if detail is None or study is None:
-            vanished += 1
-            continue
-        studies.setdefault(study, []).append(Instance(instance_id, study, detail[0]))
-    return Plan(count, source_bytes, source_studies, studies, vanished)
+def missing_instances(layout: dict[str, list[str]], present: Collection[str],
+                      sizes: dict[str, int], study: str) -> StudyCheck:
+    """Planning one study: its instances by series on the source (`layout`), those the target
+    has (`present`) and the sizes of the others. A listed instance without a size was deleted
+    from the source in between: it is counted as vanished, not copied."""
+    check = StudyCheck(study)
+    for instances in layout.values():
+        for instance_id in instances:
+            if instance_id in present:
+                check.present += 1
+            elif instance_id in sizes:
+                check.missing.append(Instance(instance_id, study, sizes[instance_id]))
+            else:
+                check.vanished += 1
+    return check
 
 
-def make_batches(instances: list[Instance], zip_upload: bool, archive_download: bool,
+class Batcher:
+    """Cuts instances, as they come, into batches: small ones into source-built archives,
+    middle ones into bundles this tool zips, large ones (and everything when the target takes
+    no ZIP uploads) one by one. Batches span studies: studies of a few small instances still
+    travel hundreds to a request."""
+
+    def __init__(self, zip_upload: bool, archive_download: bool,
                  max_instances: int = BATCH_MAX_INSTANCES,
-                 max_bytes: int = BATCH_MAX_BYTES) -> list[Batch]:
-    """Cut instances (in study order) into batches: small ones into source-built archives, middle
-    ones into bundles this tool zips, large ones (and everything when the target takes no
-    ZIP uploads) one by one."""
-    batches: list[Batch] = []
-    open_batches: dict[str, Batch] = {}
-    for instance in instances:
-        if not zip_upload or instance.size >= STREAM_MIN_INSTANCE:
-            batches.append(Batch("single", [instance]))
-            continue
-        mode = "archive" if archive_download and instance.size <= ARCHIVE_MAX_INSTANCE else "bundle"
-        batch = open_batches.get(mode)
-        if batch and (len(batch.instances) >= max_instances
-                      or batch.size + instance.size > max_bytes):
-            batch = None
-        if batch is None:
-            batch = open_batches[mode] = Batch(mode, [])
-            batches.append(batch)
+                 max_bytes: int = BATCH_MAX_BYTES) -> None:
+        self.zip_upload, self.archive_download = zip_upload, archive_download
+        self.max_instances, self.max_bytes = max_instances, max_bytes
+        self.open: dict[str, Batch] = {}
+        self.open_bytes: dict[str, int] = {}
+        self.waiting = 0  # instances in open batches
+
+    def add(self, instance: Instance) -> Optional[Batch]:
+        """Take one instance; return a batch that is now full, if one is."""
+        if not self.zip_upload or instance.size >= STREAM_MIN_INSTANCE:
+            return Batch("single", [instance])
+        mode = ("archive" if self.archive_download and instance.size <= ARCHIVE_MAX_INSTANCE
+                else "bundle")
+        full = None
+        if mode in self.open and self.open_bytes[mode] + instance.size > self.max_bytes:
+            full = self.close(mode)
+        if mode not in self.open:
+            self.open[mode], self.open_bytes[mode] = Batch(mode, []), 0
+        batch = self.open[mode]
         batch.instances.append(instance)
-    for batch in batches:
+        self.open_bytes[mode] += instance.size
+        self.waiting += 1
+        if len(batch.instances) >= self.max_instances:
+            return self.close(mode)
+        return full
+
+    def close(self, mode: str) -> Batch:
+        batch = self.open.pop(mode)
+        del self.open_bytes[mode]
+        self.waiting -= len(batch.instances)
         if len(batch.instances) == 1:
             batch.mode = "single"
-    return batches
+        return batch
+
+    def flush(self) -> list[Batch]:
+        """The batches not yet full, to send now."""
+        return [self.close(mode) for mode in list(self.open)]
+
+
+def make_batches(instances: Iterable[Instance], zip_upload: bool, archive_download: bool,
+                 max_instances: int = BATCH_MAX_INSTANCES,
+                 max_bytes: int = BATCH_MAX_BYTES) -> list[Batch]:
+    """All the batches a list of instances makes."""
+    batcher = Batcher(zip_upload, archive_download, max_instances, max_bytes)
+    batches = [batch for batch in map(batcher.add, instances) if batch is not None]
+    return batches + batcher.flush()
 
 
 def version_at_least(version: str, wanted: tuple[int, int, int]) -> bool:
@@ -555,6 +591,7 @@ class OrthancClient:
         self.policy = policy
         self.stop = stop
         self.system: dict = {}
+        self.find_caps: dict[str, Optional[int]] = {}  # level -> what its finds return at most
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -692,20 +729,144 @@ def describe_tls_error(error: BaseException) -> str:
     return "handshake failed"
 
 
-# ---- scanning -------------------------------------------------------------------------------
-def parallel_map(function: Callable[[str], T], items: list[str], threads: int) -> Iterator[T]:
-    """`function` over `items` on `threads` threads, results in order. Stopped early (Ctrl-C),
-    it drops what has not started and waits for what has."""
+# ---- walking the source ---------------------------------------------------------------------
+def parallel_map(function: Callable[[A], T], items: Iterable[A], threads: int) -> Iterator[T]:
+    """`function` over `items` on `threads` threads, results in order, reading `items` only a
+    few ahead of the results (memory stays bounded however many there are). Stopped early
+    (Ctrl-C), it drops what has not started and waits for what has."""
     pool = ThreadPoolExecutor(max(1, threads))
+    ahead: deque[Future] = deque()
     try:
-        yield from pool.map(function, items)
+        for item in items:
+            ahead.append(pool.submit(function, item))
+            if len(ahead) >= threads * 4:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
     finally:
+        for future in ahead:
+            future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def study_layout(server: OrthancClient, study: str) -> Optional[dict[str, list[str]]]:
+    """Series ID -> instance IDs of a study (about 60 bytes of answer an instance), or None
+    when the server does not have the study."""
+    series = unless_missing(lambda: server.get(f"/studies/{study}/series"))
+    if series is None:
+        return None
+    return {record["ID"]: record["Instances"] for record in series}
+
+
+def instance_sizes(source: OrthancClient, study: str, layout: dict[str, list[str]],
+                   wanted: set[str]) -> dict[str, int]:
+    """The sizes of the `wanted` instances of a study: one expanded listing of the study
+    (about 450 bytes of answer an instance) when it is small, else one per series that has
+    any; a series too large to list expanded gets its average size from its statistics."""
+    def read(records: Optional[list[dict]]) -> dict[str, int]:
+        return {record["ID"]: int(record["FileSize"]) for record in records or []
+                if record["ID"] in wanted}
+    if sum(map(len, layout.values())) <= STUDY_LISTING_MAX:
+        return read(unless_missing(lambda: source.get(f"/studies/{study}/instances")))
+    sizes: dict[str, int] = {}
+    for series, instances in layout.items():
+        if wanted.isdisjoint(instances):
+            continue
+        if len(instances) <= STUDY_LISTING_MAX:
+            sizes.update(read(unless_missing(lambda: source.get(f"/series/{series}/instances"))))
+            continue
+        statistics = unless_missing(lambda: source.get(f"/series/{series}/statistics")) or {}
+        average = int(statistics.get("UncompressedSize", 0)) // max(
+            1, int(statistics.get("CountInstances", 1)))
+        sizes.update((instance, average) for instance in instances if instance in wanted)
+    return sizes
+
+
+def check_study(source: OrthancClient, target: OrthancClient, study: str,
+                on_target: bool) -> StudyCheck:
+    """What the target lacks of one study: the study's series on the source, on the target
+    too when it has the study (`on_target`), then the sizes of the missing instances. Two
+    requests to the source for a study the target lacks, one to each server for a study it
+    has whole; memory grows with the study, not with the archive."""
+    layout = study_layout(source, study)
+    if layout is None:
+        return StudyCheck(study, gone=True)
+    found = study_layout(target, study) if on_target else None
+    present = {instance for instances in (found or {}).values() for instance in instances}
+    wanted = {instance for instances in layout.values() for instance in instances
+              if instance not in present}
+    sizes = instance_sizes(source, study, layout, wanted) if wanted else {}
+    return missing_instances(layout, present, sizes, study)
+
+
+FIND_PAGE = 1000  # IDs a /tools/find page asks for, where the server can page its finds
+
+
+def find_all(source: OrthancClient, body: dict) -> list[str]:
+    """Every resource a /tools/find matches, whatever LimitFindResults or LimitFindInstances
+    the source has. Orthanc 1.12.5+ (`HasExtendedFind`) pages its finds: pages are read until
+    one comes back empty, the only proof of the end (a page shorter than asked may just be
+    the cap). Older servers find at most cap+1 resources whatever Since and Limit say; their
+    cap is found by asking for every resource of the level, and a find it may have cut is
+    done again in slices smaller than the cap (find_in_slices)."""
+    if source.system.get("Capabilities", {}).get("HasExtendedFind"):
+        found: list[str] = []
+        while True:
+            page = source.whole("POST", "/tools/find",
+                                json={**body, "Since": len(found), "Limit": FIND_PAGE})
+            if not page:
+                return found
+            found.extend(page)
+    found = source.whole("POST", "/tools/find", json=body)
+    # A find of every instance would make the server list its whole archive: an instance-level
+    # find (labels, Orthanc 1.12.0 to 1.12.4) is taken as it comes.
+    cap = None if body["Level"] == "Instance" else find_cap(source, body["Level"])
+    if cap is None or len(found) <= cap:
+        return found
+    if body["Level"] != "Study" or "StudyInstanceUID" in body.get("Query", {}):
+        raise UsageError(f"the source (Orthanc {source.version}) stops its finds at {cap} "
+                         "resources (LimitFindResults) and cannot page them; set "
+                         "LimitFindResults to 0 in its configuration for the migration, or "
+                         "use Orthanc 1.12.5+")
+    return find_in_slices(source, body, cap)
+
+
+def find_cap(source: OrthancClient, level: str) -> Optional[int]:
+    """The most resources of `level` that the source's finds return (before Orthanc 1.12.5),
+    or None when no cap cuts them: a find of every resource of the level, compared with the
+    count in /statistics. Asked once per run and level."""
+    caps = source.find_caps
+    if level not in caps:
+        counts = source.get("/statistics")
+        count = int(counts.get(f"Count{LEVEL_PATHS[level].capitalize()}", 0))
+        everything = source.whole("POST", "/tools/find", json={"Level": level, "Query": {}})
+        # cut, a server answers cap + 1 resources (Orthanc 1.9 to 1.12.4)
+        caps[level] = len(everything) - 1 if len(everything) < count else None
+        if caps[level] is not None:
+            log.debug("source finds stop at %d %s resources", caps[level], level)
+    return caps[level]
+
+
+def find_in_slices(source: OrthancClient, body: dict, cap: int) -> list[str]:
+    """A study-level find on a server whose cap cut it: the same query over slices of at most
+    `cap` studies named by their StudyInstanceUIDs (DICOM list matching), so that no slice can
+    be cut. Needs the UID of every study: one paged expanded listing of the studies."""
+    studies = source.whole("GET", "/studies")
+    uids = fetch_details(source, {study: study for study in studies}, len(studies), "studies",
+                         4, lambda record: record["MainDicomTags"].get("StudyInstanceUID", ""))
+    ordered = sorted(set(uid for uid in uids.values() if uid))
+    found: list[str] = []
+    size = max(1, min(cap, 500))
+    for start in range(0, len(ordered), size):
+        query = {**body["Query"], "StudyInstanceUID": "\\".join(ordered[start:start + size])}
+        for study in source.whole("POST", "/tools/find", json={**body, "Query": query}):
+            if study not in found:
+                found.append(study)
+    return found
+
+
 def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optional[int],
-                  level: str, threads: int, read: Callable[[dict], T],
-                  advance: Callable[[int], None] = lambda count: None) -> dict[str, T]:
+                  level: str, threads: int, read: Callable[[dict], T]) -> dict[str, T]:
     """Details of the `wanted` resources of a level: one paged expanded listing when they are
     many, one request each when they are few. Paging on SQLite is unstable while the server
     receives data, so whatever the pages missed is asked for one by one afterwards; a resource
@@ -716,12 +877,10 @@ def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optiona
         since = 0
         while True:
             page = source.get(f"/{level}?expand&since={since}&limit={LISTING_PAGE}")
-            before = len(found)
             for record in page:
                 if record["ID"] in wanted:
                     key = wanted[record["ID"]] if isinstance(wanted, dict) else record["ID"]
                     found[key] = read(record)
-            advance(len(found) - before)
             if len(page) < LISTING_PAGE:
                 break
             since += LISTING_PAGE
@@ -732,68 +891,20 @@ def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optiona
     for resource, record in zip(rest, parallel_map(one, rest, threads)):
         if record is not None:
             found[resource] = read(record)
-        advance(1)
     return found
-
-
-def describe_instances(source: OrthancClient, wanted: Collection[str], total: Optional[int],
-                       series_total: Optional[int], threads: int,
-                       advance: Callable[[int], None] = lambda count: None
-                       ) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
-    """What the plan needs of the `wanted` instances: ID -> (size, series), and series ->
-    study. `total` and `series_total` are the source's counts (None: one request each)."""
-    series_ids: dict[str, str] = {}  # one string per series, not one copy per instance
-
-    def size_and_series(record: dict) -> tuple[int, str]:
-        series = record["ParentSeries"]
-        return int(record["FileSize"]), series_ids.setdefault(series, series)
-    details = fetch_details(source, wanted, total, "instances", threads, size_and_series,
-                            advance)
-    series_study = fetch_details(source, set(series_ids), series_total, "series", threads,
-                                 lambda record: record["ParentStudy"])
-    return details, series_study
-
-
-def scan(source: OrthancClient, target: OrthancClient, threads: int,
-         progress: Optional["Progress"] = None) -> Plan:
-    """List both servers (one request each) and describe only what the target lacks."""
-    progress = progress or Progress(False)
-    statistics = source.get("/statistics")
-    # the studies before the instances: see Plan.listed_studies
-    listed_studies = source.whole("GET", "/studies")
-    source_ids = source.whole("GET", "/instances")
-    target_ids = set(target.whole("GET", "/instances"))
-    # ID -> the same ID: the details are then keyed by these strings, not by copies of them
-    missing = {instance: instance for instance in source_ids if instance not in target_ids}
-    details: dict[str, tuple[int, str]] = {}
-    series_study: dict[str, str] = {}
-    if missing:
-        log.debug("scan: %d instances missing on the target, asking for their details",
-                  len(missing))
-        progress.start(len(missing), "scanning")
-        try:
-            details, series_study = describe_instances(
-                source, missing, len(source_ids), int(statistics.get("CountSeries", 0)),
-                threads, progress.advance)
-        finally:
-            progress.finish()
-    plan = plan_copy(source_ids, target_ids, details, series_study,
-                     int(statistics.get("TotalUncompressedSize", 0)), len(listed_studies))
-    plan.listed_studies = listed_studies
-    plan.source_ids = source_ids
-    return plan
 
 
 def select_studies(source: OrthancClient, query: dict[str, str], studies: list[str]) -> list[str]:
     """Study IDs of the selection: those matching every --query tag, plus each --study."""
     selected: list[str] = []
     if query:
-        selected = source.whole("POST", "/tools/find", json={
-            "Level": "Study", "Query": query, "Expand": False})
+        selected = find_all(source, {"Level": "Study", "Query": query, "Expand": False})
+    chosen = set(selected)
     for study in studies:
         for found in find_study(source, study):
-            if found not in selected:
+            if found not in chosen:
                 selected.append(found)
+                chosen.add(found)
     return selected
 
 
@@ -812,40 +923,42 @@ def find_study(source: OrthancClient, study: str) -> list[str]:
                      "or a StudyInstanceUID)")
 
 
-def scan_selection(source: OrthancClient, target: OrthancClient, studies: list[str],
-                   threads: int) -> Plan:
-    """Like scan, for selected studies only: one request per study for their instances."""
-    target_ids = set(target.whole("GET", "/instances"))
+@dataclass
+class ChangeLog:
+    """What a stretch of the source's change log says: the changes kept, and where it ends."""
 
-    def instances_of(study: str) -> list[dict]:  # none if deleted since it was selected
-        return unless_missing(lambda: source.get(f"/studies/{study}/instances")) or []
-    source_ids: list[str] = []
-    details: dict[str, tuple[int, str]] = {}
-    series_study: dict[str, str] = {}
-    for study, records in zip(studies, parallel_map(instances_of, studies, threads)):
-        for record in records:
-            source_ids.append(record["ID"])
-            details[record["ID"]] = (int(record["FileSize"]), record["ParentSeries"])
-            series_study[record["ParentSeries"]] = study
-    total = sum(size for size, _ in details.values())
-    plan = plan_copy(source_ids, target_ids, details, series_study, total, len(studies))
-    plan.listed_studies, plan.source_ids = studies, source_ids
-    return plan
+    changes: list[dict]
+    last: int  # the position of the last change read
+    last_id: str = ""  # the resource that change names, which anchors the position
 
 
-def read_changes(source: OrthancClient, since: int,
-                 wanted: Callable[[dict], bool]) -> tuple[list[dict], int]:
-    """The changes after `since` that `wanted` keeps, and the position of the last change.
-    Filtered page by page: a first run reads the whole log, several records per instance."""
-    changes: list[dict] = []
-    position = since
+def read_changes(source: OrthancClient, since: int, wanted: Callable[[dict], bool],
+                 until: Optional[int] = None) -> ChangeLog:
+    """The changes after `since` (up to `until`) that `wanted` keeps. Filtered page by page:
+    a first run reads the whole log, several records per instance. Orthanc's `Done`, not the
+    length of a page, says where the log ends: a server may give fewer than asked."""
+    log_read = ChangeLog([], since)
     while True:
-        page = source.get(f"/changes?since={position}&limit={CHANGES_PAGE}")
-        changes.extend(change for change in page.get("Changes", []) if wanted(change))
-        position = max([position, int(page.get("Last", position))] +
-                       [int(change["Seq"]) for change in page.get("Changes", [])])
-        if page.get("Done", True) or not page.get("Changes"):
-            return changes, position
+        page = source.get(f"/changes?since={log_read.last}&limit={CHANGES_PAGE}")
+        records = page.get("Changes", [])
+        for change in records:
+            if until is not None and int(change["Seq"]) > until:
+                return log_read
+            if wanted(change):
+                log_read.changes.append(change)
+            log_read.last, log_read.last_id = int(change["Seq"]), str(change.get("ID", ""))
+        if page.get("Done", True) or not records:
+            return log_read
+
+
+def change_at(source: OrthancClient, position: int) -> Optional[str]:
+    """The resource the change at `position` names, or None when the log no longer holds it
+    (cleared with DELETE /changes, restarted, or the resource deleted since)."""
+    page = source.get(f"/changes?since={position - 1}&limit=1")
+    records = page.get("Changes", [])
+    if records and int(records[0]["Seq"]) == position:
+        return str(records[0].get("ID", ""))
+    return None
 
 
 def is_metadata_change(change: dict) -> bool:
@@ -855,14 +968,40 @@ def is_metadata_change(change: dict) -> bool:
             and change.get("ResourceType") in LEVEL_PATHS)
 
 
-def is_new_instance(change: dict) -> bool:
-    return change.get("ChangeType") == "NewInstance"
+def is_arrival(change: dict) -> bool:
+    """A change that says a study may hold more than before: an instance, series or study
+    arrived (stable-study and metadata changes name a study the same way, harmlessly)."""
+    return change.get("ChangeType") in ("NewInstance", "NewSeries", "NewStudy")
 
 
 def metadata_candidates(changes: list[dict]) -> set[tuple[str, str]]:
     """The resources whose metadata or attachments the changes say were written."""
     return {(change["ResourceType"], change["ID"]) for change in changes
             if is_metadata_change(change)}
+
+
+def touched_studies(source: OrthancClient, changes: list[dict], threads: int) -> set[str]:
+    """The studies that the arrivals among `changes` went into. A new series is asked for once
+    (its study and its instances); an instance that arrived in an older series, once each.
+    Resources deleted since are left out: there is nothing of them to copy."""
+    studies = {change["ID"] for change in changes
+               if is_arrival(change) and change["ResourceType"] == "Study"}
+    series = sorted({change["ID"] for change in changes
+                     if is_arrival(change) and change["ResourceType"] == "Series"})
+    instances = {change["ID"] for change in changes
+                 if is_arrival(change) and change["ResourceType"] == "Instance"}
+    for record in parallel_map(lambda one: unless_missing(lambda: source.get(f"/series/{one}")),
+                               series, threads):
+        if record is not None:
+            studies.add(record["ParentStudy"])
+            instances.difference_update(record.get("Instances", []))
+    rest = sorted(instances)
+    for record in parallel_map(
+            lambda one: unless_missing(lambda: source.get(f"/instances/{one}/study")),
+            rest, threads):
+        if record is not None:
+            studies.add(record["ID"])
+    return studies
 
 
 def metadata_values(server: OrthancClient, path: str) -> dict[str, str]:
@@ -937,8 +1076,8 @@ def labelled_resources(source: OrthancClient) -> list[tuple[str, str]]:
         return []
     found = []
     for level in LEVEL_PATHS:
-        ids = source.whole("POST", "/tools/find", json={
-            "Level": level, "Query": {}, "Labels": labels, "LabelsConstraint": "Any"})
+        ids = find_all(source, {"Level": level, "Query": {}, "Labels": labels,
+                                "LabelsConstraint": "Any"})
         found.extend((level, resource) for resource in ids)
     return found
 
@@ -962,30 +1101,28 @@ def sync_labels(source: OrthancClient, target: OrthancClient, level: str,
     return written, problems
 
 
-def verify_copy(source: OrthancClient, target: OrthancClient, instance_ids: list[str],
-                threads: int, progress: "Progress") -> tuple[int, int, list[tuple[str, str]]]:
-    """Compare the MD5 that each server stored for every instance (no file is downloaded).
-    Returns (instances checked, instances gone from the source, problems)."""
+def verify_study(source: OrthancClient, target: OrthancClient, study: str,
+                 threads: int) -> tuple[int, int, list[tuple[str, str]]]:
+    """Compare the MD5 that each server stored for every instance of a study (no file is
+    downloaded). Returns (instances checked, instances gone from the source, problems)."""
+    layout = study_layout(source, study) or {}
+    instance_ids = [instance for instances in layout.values() for instance in instances]
+
     def one(instance_id: str) -> tuple[Optional[str], Optional[str]]:
         expected = source.md5(instance_id)
         return expected, target.md5(instance_id) if expected is not None else None
 
     problems: list[tuple[str, str]] = []
     vanished = 0
-    progress.start(len(instance_ids), "verifying")
-    try:
-        for instance_id, (expected, found) in zip(instance_ids,
-                                                  parallel_map(one, instance_ids, threads)):
-            progress.advance(1)
-            if expected is None:
-                vanished += 1
-            elif found is None:
-                problems.append((instance_id, "missing on the target"))
-            elif found != expected:
-                problems.append((instance_id, f"different on the target (MD5 {found}, "
-                                              f"{expected} on the source)"))
-    finally:
-        progress.finish()
+    for instance_id, (expected, found) in zip(instance_ids,
+                                              parallel_map(one, instance_ids, threads)):
+        if expected is None:
+            vanished += 1
+        elif found is None:
+            problems.append((instance_id, "missing on the target"))
+        elif found != expected:
+            problems.append((instance_id, f"different on the target (MD5 {found}, "
+                                          f"{expected} on the source)"))
     return len(instance_ids) - vanished, vanished, problems
 
 
@@ -994,18 +1131,25 @@ class Journal:
     """The save file: plain text, one record a line, appended and flushed as studies complete.
 
     First line: `replicate.py save file 1<TAB>source=URL<TAB>target=URL` (URLs without
-    credentials). Then `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time` for each study found
-    complete on the target, with what this run sent of it; `meta<TAB>Level<TAB>ID` for each
-    resource whose user metadata or attachments changed on the source; `changes<TAB>SEQ`, the
-    position in the source's change log up to which those were read. A torn last line (a
-    crash while writing) is dropped on open. The journal is a record of progress: the target's
-    own listing decides what is copied.
+    credentials). Then, as work completes:
+    - `mark<TAB>SEQ<TAB>ID`: the source's change log stood at SEQ, a change naming ID, when a
+      run began: every study recorded complete (and not taken back) after this line was
+      complete at or after that moment, so only changes after SEQ can have added to it;
+    - `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time`: a study found complete on the target,
+      with the instances it holds there and the bytes this run sent of it;
+    - `redo<TAB>ID`: a study recorded complete that has to be looked at again (instances
+      arrived in it, or some failed); `reset`: every study recorded so far, likewise;
+    - `meta<TAB>Level<TAB>ID`: a resource whose user metadata or attachments changed on the
+      source; `changes<TAB>SEQ`: the position up to which the log was read for those.
+    A torn last line (a crash while writing) is dropped on open. What a study holds on each
+    server decides what is copied; the journal only says which studies need no look.
     """
 
     def __init__(self, path: Path, source_url: str, target_url: str) -> None:
         self.path = path
         self.header = f"{SAVE_MAGIC}\tsource={source_url}\ttarget={target_url}"
-        self.studies: dict[str, int] = {}
+        self.studies: dict[str, int] = {}  # complete studies -> instances they hold
+        self.mark: Optional[tuple[int, str]] = None  # see the docstring
         self.position: Optional[int] = None  # the source's change log read up to here
         self.candidates: set[tuple[str, str]] = set()  # resources with user metadata changes
         self.file: Optional[io.TextIOWrapper] = None
@@ -1075,6 +1219,12 @@ class Journal:
                 kind, *values = raw.decode("utf-8").split("\t")
                 if kind == "study" and len(values) >= 2:
                     self.studies[values[0]] = int(values[1])
+                elif kind == "redo" and len(values) == 1:
+                    self.studies.pop(values[0], None)
+                elif kind == "reset" and len(values) <= 1:
+                    self.studies.clear()
+                elif kind == "mark" and len(values) == 2:
+                    self.mark = (int(values[0]), values[1])
                 elif kind == "changes" and len(values) == 1:
                     self.position = int(values[0])
                 elif kind == "meta" and len(values) == 2 and values[0] in LEVEL_PATHS:
@@ -1114,8 +1264,24 @@ class Journal:
             self._write([f"changes\t{position}"])
             self.position = position
 
+    def begin(self, position: int, anchor: str, redo: Iterable[str], reset: bool) -> None:
+        """Take back the studies that must be looked at again (all of them, with `reset`),
+        then mark where the source's change log stands as this run begins."""
+        lines = [f"reset\t{time.strftime('%Y-%m-%dT%H:%M:%S')}"] if reset else []
+        redo = [study for study in redo if study in self.studies] if not reset else []
+        lines += [f"redo\t{study}" for study in sorted(redo)]
+        if self.mark != (position, anchor):
+            lines.append(f"mark\t{position}\t{anchor}")
+        self._write(lines)
+        if reset:
+            self.studies.clear()
+        for study in redo:
+            del self.studies[study]
+        self.mark = (position, anchor)
+
     def studies_done(self, records: list[tuple[str, int, int]]) -> None:
-        """Record studies complete on the target: (study ID, instances sent, bytes sent)."""
+        """Record studies complete on the target: (study ID, instances it holds there, bytes
+        this run sent of it)."""
         now = time.strftime('%Y-%m-%dT%H:%M:%S')
         self._write([f"study\t{study}\t{instances}\t{size}\t{now}"
                      for study, instances, size in records])
@@ -1317,7 +1483,9 @@ class Progress:
         self._bar: Any = None
         self._logging: Optional[dict] = None
 
-    def start(self, total: int, title: str, unit: str = "", scale: Any = False) -> None:
+    def start(self, total: Optional[int], title: str, unit: str = "", scale: Any = False
+              ) -> None:
+        """`total` None: not known (a selection); the bar then only counts."""
         if not self.enabled:
             if self.log_every is not None:
                 now = time.monotonic()
@@ -1351,21 +1519,25 @@ class Progress:
         self._logging = None
 
 
-def progress_line(title: str, done: float, total: float, in_bytes: bool, elapsed: float,
-                  text: str = "") -> str:
-    """'copying: 120/400 instances, 1.2 MB of 3.6 MB (33%), 1.0 MB/s, about 2 s left'"""
+def progress_line(title: str, done: float, total: Optional[float], in_bytes: bool,
+                  elapsed: float, text: str = "") -> str:
+    """'copying: 120 copied, 1.2 MB, 400 of 1,200 instances (33%), 10/s, about 1 min left'"""
     show = format_bytes if in_bytes else format_count
     parts = [f"{title}:"]
     if text:
         parts.append(f"{text},")
-    parts.append(f"{show(done)} of {show(total)}")
-    if total > 0:
+    parts.append(f"{show(done)} of {show(total)}" if total is not None else show(done))
+    if not in_bytes:
+        parts[-1] += " instances"
+    if total:
         parts[-1] += f" ({100 * done / total:.0f}%)"
     if done > 0 and elapsed > 0:
         rate = done / elapsed
         parts[-1] += ","
-        parts.append(f"{show(rate)}/s," if in_bytes else f"{rate:,.0f}/s,")
-        parts.append(f"about {format_duration(max(total - done, 0) / rate)} left")
+        parts.append(f"{show(rate)}/s" if in_bytes else f"{rate:,.0f}/s")
+        if total is not None:
+            parts[-1] += ","
+            parts.append(f"about {format_duration(max(total - done, 0) / rate)} left")
     return " ".join(parts)
 
 
@@ -1384,27 +1556,130 @@ def format_duration(seconds: float) -> str:
     return f"{days} d {hours} h"
 
 
-def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
-                 progress: Progress, stop: threading.Event, outcome: Outcome) -> None:
-    """Feed batches to the workers and count their results into `outcome` in this (the main)
-    thread, which alone updates the counters, the progress bar and the journal. Counting into
-    the caller's outcome, not a new one, means a Ctrl-C at any point leaves it counting every
-    batch that was collected."""
-    outcome.vanished += plan.vanished
-    zip_upload = version_at_least(copier.target.version, (1, 8, 2))
-    archive_download = version_at_least(copier.source.version, (1, 8, 2))
-    # Batches may hold several studies (fewer, larger requests); a study is recorded in the
-    # journal once every one of its instances landed.
-    batches = make_batches([instance for instances in plan.studies.values()
-                            for instance in instances], zip_upload, archive_download)
-    study_left = {study: len(instances) for study, instances in plan.studies.items()}
-    study_failed: set[str] = set()
-    total, finished = plan.missing, 0
-    pending = iter(batches)
-    in_flight: dict[Future, Batch] = {}
+class Walk:
+    """Plans and copies at once: studies are checked (what does the target lack of each?) a
+    few ahead of the transfers, their missing instances cut into batches as they come, and
+    the batches sent by the workers. Only a bounded window of studies and batches is in
+    memory, whatever the size of the archive, and the first instances land as soon as the
+    first study is checked.
 
-    def collect(future: Future, batch: Batch) -> None:
-        nonlocal finished
+    This (the main) thread alone counts results into `outcome`, moves the progress bar and
+    writes the journal; workers only move bytes and return results. Counting into the
+    caller's outcome means that a Ctrl-C at any point leaves it counting every batch that
+    was collected."""
+
+    def __init__(self, config: Config, copier: Copier, journal: Journal, progress: Progress,
+                 stop: threading.Event, outcome: Outcome) -> None:
+        self.config, self.copier, self.journal = config, copier, journal
+        self.progress, self.stop, self.outcome = progress, stop, outcome
+        self.batcher = Batcher(version_at_least(copier.target.version, (1, 8, 2)),
+                               version_at_least(copier.source.version, (1, 8, 2)))
+        self.ready: deque[Batch] = deque()
+        self.ready_count = 0
+        self.checks: dict[Future, str] = {}
+        self.transfers: dict[Future, Batch] = {}
+        # studies with instances still travelling -> [instances left, instances it holds,
+        # bytes sent, failed?]: a study is recorded complete once every instance landed
+        self.open_studies: dict[str, list] = {}
+
+    def run(self, studies: Iterable[str], on_target: Callable[[str], bool]) -> None:
+        """Check each study (`on_target`: whether the target has it at all, so that a study it
+        lacks costs it no request) and copy what it lacks; with --dry-run, only count."""
+        config, outcome = self.config, self.outcome
+        pending = iter(studies)
+        more = True
+        checkers = ThreadPoolExecutor(max(2, config.threads // 2), thread_name_prefix="check")
+        senders = ThreadPoolExecutor(config.threads, thread_name_prefix="copy")
+        try:
+            while True:
+                stopping = self.stopping()
+                while (more and not stopping and len(self.checks) < CHECKS_AHEAD
+                       and self.ready_count + self.batcher.waiting < WAITING_MAX):
+                    study = next(pending, None)
+                    if study is None:
+                        more = False
+                        break
+                    self.checks[checkers.submit(check_study, self.copier.source,
+                                                self.copier.target, study,
+                                                on_target(study))] = study
+                # A batch not yet full goes when the workers would otherwise idle, or at the end.
+                if not self.ready and (len(self.transfers) < max(1, config.threads // 2)
+                                       or (not more and not self.checks)):
+                    for batch in self.batcher.flush():
+                        self.queue(batch)
+                while self.ready and not stopping and len(self.transfers) < config.threads * 2:
+                    batch = self.ready.popleft()
+                    self.ready_count -= len(batch.instances)
+                    self.transfers[senders.submit(self.copier.copy, batch)] = batch
+                if not self.checks and not self.transfers and (
+                        stopping or (not more and not self.ready and not self.batcher.waiting)):
+                    return
+                done, _ = wait(list(self.checks) + list(self.transfers), timeout=0.5,
+                               return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future in self.checks:
+                        self.checked(future, self.checks.pop(future))
+                    else:
+                        self.collect(future, self.transfers.pop(future))
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+            self.stop.set()
+            log.warning("interrupted: finishing the instances in flight (Ctrl-C again to quit "
+                        "now)")
+            wait(list(self.transfers), timeout=10)
+            # What landed after the Ctrl-C is counted and journaled like the rest.
+            for future in [future for future in self.transfers if future.done()]:
+                self.collect(future, self.transfers.pop(future))
+        finally:
+            checkers.shutdown(wait=False, cancel_futures=True)
+            senders.shutdown(wait=False, cancel_futures=True)
+
+    def stopping(self) -> bool:
+        outcome = self.outcome
+        if outcome.target_full or (outcome.failed and not self.config.ignore_errors):
+            outcome.stopped_on_failure = True  # submit no more; what is in flight lands
+        return outcome.stopped_on_failure or self.stop.is_set()
+
+    def queue(self, batch: Batch) -> None:
+        self.ready.append(batch)
+        self.ready_count += len(batch.instances)
+
+    def checked(self, future: Future, study: str) -> None:
+        outcome = self.outcome
+        try:
+            check = future.result()
+        except Interrupted:
+            return
+        except (GaveUp, HttpStatusError) as error:
+            # The study could not be looked at: a failure named by study, not a lost study.
+            outcome.failed.append((study, f"could not look at it: {describe_error(error)}"))
+            outcome.failed_studies.add(study)
+            log.error("check failed: study %s: %s", study, describe_error(error))
+            return
+        outcome.studies_checked += 1
+        outcome.present += check.present
+        outcome.vanished += check.vanished
+        missing_bytes = sum(instance.size for instance in check.missing)
+        outcome.missing += len(check.missing)
+        outcome.missing_bytes += missing_bytes
+        outcome.studies_missing += bool(check.missing)
+        self.progress.advance(check.present + check.vanished, self.progress_text())
+        if check.gone:
+            return
+        if not check.missing or self.config.dry_run:
+            if not self.config.dry_run:
+                self.journal.studies_done([(study, check.present, 0)])
+            self.progress.advance(len(check.missing))
+            return
+        self.open_studies[study] = [len(check.missing), check.instances - check.vanished, 0,
+                                    False]
+        for instance in check.missing:
+            batch = self.batcher.add(instance)
+            if batch is not None:
+                self.queue(batch)
+
+    def collect(self, future: Future, batch: Batch) -> None:
+        outcome = self.outcome
         try:
             result = future.result()
         except Interrupted:
@@ -1421,51 +1696,28 @@ def run_transfer(config: Config, plan: Plan, copier: Copier, journal: Journal,
             outcome.failed.append((instance.id, reason))
             log.error("copy failed: instance %s (study %s): %s", instance.id,
                       instance.study, reason)
-        study_failed.update(instance.study for instance, _ in result.failed)
         outcome.target_full = outcome.target_full or result.target_full
         complete = []
+        for instance in result.stored:
+            self.open_studies[instance.study][2] += instance.size
+        for instance, _ in result.failed:
+            self.open_studies[instance.study][3] = True
         for instance in (result.stored + result.already + result.vanished
                          + [instance for instance, _ in result.failed]):
-            study = instance.study
-            study_left[study] -= 1
-            if study_left[study] == 0 and study not in study_failed:
-                complete.append((study, len(plan.studies[study]),
-                                 sum(i.size for i in plan.studies[study])))
-        journal.studies_done(complete)
-        finished += len(result.stored) + len(result.already) + len(result.failed)
-        progress.advance(sum(i.size for i in result.stored + result.already),
-                         f"{format_count(finished)}/{format_count(total)} instances")
+            state = self.open_studies[instance.study]
+            state[0] -= 1
+            if state[0] == 0:
+                del self.open_studies[instance.study]
+                if not state[3]:
+                    complete.append((instance.study, state[1], state[2]))
+        self.journal.studies_done(complete)
+        self.progress.advance(len(result.stored) + len(result.already) + len(result.vanished)
+                              + len(result.failed), self.progress_text())
 
-    progress.start(plan.missing_bytes, "copying", unit="B", scale="SI")
-    pool = ThreadPoolExecutor(config.threads, thread_name_prefix="copy")
-    try:
-        def fill() -> None:
-            while len(in_flight) < config.threads * 2 and not stop.is_set():
-                batch = next(pending, None)
-                if batch is None:
-                    return
-                in_flight[pool.submit(copier.copy, batch)] = batch
-
-        fill()
-        while in_flight:
-            done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                collect(future, in_flight.pop(future))
-            if outcome.target_full or (outcome.failed and not config.ignore_errors):
-                outcome.stopped_on_failure = True  # submit no more; what is in flight lands
-            if not outcome.stopped_on_failure:
-                fill()
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-        stop.set()
-        log.warning("interrupted: finishing the instances in flight (Ctrl-C again to quit now)")
-        wait(list(in_flight), timeout=10)
-        # What landed after the Ctrl-C is counted and journaled like the rest.
-        for future in [future for future in in_flight if future.done()]:
-            collect(future, in_flight.pop(future))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        progress.finish()
+    def progress_text(self) -> str:
+        outcome = self.outcome
+        return (f"{format_count(outcome.copied)} copied, {format_bytes(outcome.copied_bytes)}"
+                + (f", {format_count(len(outcome.failed))} failed" if outcome.failed else ""))
 
 
 # ---- argument parsing -----------------------------------------------------------------------
@@ -1544,6 +1796,10 @@ def _setup_argparser() -> ArgumentParser:
     run.add_argument("--verify", action="store_true",
                      help="after copying, compare every instance's stored MD5 on both servers "
                           "and name each one missing or different (default: off)")
+    run.add_argument("--recheck", action="store_true",
+                     help="look at every study instance by instance, also those the save file "
+                          "records complete and the source's change log shows untouched: "
+                          "finds instances deleted from the target (default: off)")
     run.add_argument("-n", "--dry-run", action="store_true",
                      help="plan and print what would be copied; write nothing to the target or "
                           "the save file (default: off)")
@@ -1626,7 +1882,7 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
                   dry_run=args.dry_run, query=parse_query(args.query), studies=args.study,
                   bwlimit=parse_rate(args.bwlimit) if args.bwlimit else None,
                   metadata=not args.no_metadata, report=report, follow=args.follow,
-                  poll=args.poll,
+                  poll=args.poll, recheck=args.recheck,
                   ignore_errors=args.ignore_errors,
                   policy=RetryPolicy(retries=args.retries, timeout=args.timeout),
                   quiet=args.quiet, verbose=args.verbose, prompt=not args.no_prompt,
@@ -1659,14 +1915,19 @@ def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> Orthan
     return client
 
 
-def summary_lines(plan: Optional[Plan], outcome: Outcome, elapsed: float) -> list[str]:
+def summary_lines(outcome: Outcome, elapsed: float) -> list[str]:
     rate = outcome.copied_bytes / elapsed if elapsed > 0 else 0
-    present = plan.present if plan else 0
     lines = [
+        f"To transfer:   {format_count(outcome.missing)} instances in "
+        f"{format_count(outcome.studies_missing)} "
+        f"{'study' if outcome.studies_missing == 1 else 'studies'}, "
+        f"{format_bytes(outcome.missing_bytes)}",
         f"Copied:        {format_count(outcome.copied)} instances, "
         f"{format_bytes(outcome.copied_bytes)} ({format_bytes(rate)}/s)",
-        f"Already there: {format_count(present + outcome.already)} instances",
-        f"Failed:        {format_count(len(outcome.failed))} instances",
+        f"Already there: {format_count(outcome.already_there)} instances",
+        f"Failed:        {format_count(len(outcome.failed))} "
+        + ("instances" if not outcome.failed_studies else
+           f"({format_count(len(outcome.failed_studies))} of them studies)"),
     ]
     if outcome.metadata_written or outcome.metadata_problems:
         lines.append(f"Metadata:      {format_count(outcome.metadata_written)} items copied, "
@@ -1681,19 +1942,21 @@ def summary_lines(plan: Optional[Plan], outcome: Outcome, elapsed: float) -> lis
     return lines
 
 
-def plan_lines(plan: Plan, selected: bool) -> list[str]:
-    studies = len(plan.studies)
-    return [
-        f"Studies {'selected' if selected else 'found'} on the source: "
-        f"{format_count(plan.source_studies)}",
+def plan_lines(outcome: Outcome, statistics: Optional[dict]) -> list[str]:
+    """What the run starts from. `statistics`: the source's, when the whole of it is copied."""
+    lines = [f"Studies {'found' if statistics else 'selected'} on the source: "
+             f"{format_count(outcome.studies)}"]
+    if statistics:
         # The source's statistics count every attachment, not only the DICOM files (older
         # Orthanc kept a JSON copy of each): a size of what the target holds would be a guess.
-        f"Source holds:  {format_count(plan.source_instances)} instances, "
-        f"{format_bytes(plan.source_bytes)} stored",
-        f"On the target: {format_count(plan.present)} of them already",
-        f"To transfer:   {format_count(plan.missing)} instances in {format_count(studies)} "
-        f"{'study' if studies == 1 else 'studies'}, {format_bytes(plan.missing_bytes)}",
-    ]
+        lines.append(f"Source holds:  {format_count(int(statistics['CountInstances']))} "
+                     f"instances, {format_bytes(int(statistics['TotalUncompressedSize']))} "
+                     "stored")
+    if outcome.studies_skipped:
+        lines.append(f"Skipped:       {format_count(outcome.studies_skipped)} studies complete "
+                     f"on the target ({format_count(outcome.skipped_instances)} instances), "
+                     "untouched since an earlier run (--recheck looks at them)")
+    return lines
 
 
 class Run:
@@ -1707,11 +1970,11 @@ class Run:
         self.progress = Progress(not config.quiet and terminal,
                                  None if config.quiet or terminal else PROGRESS_LOG_SECONDS)
         self.outcome = Outcome()
-        self.plan: Optional[Plan] = None
+        self.started = False  # whether the walk began: the summary then says what it did
         self.selected: Optional[list[str]] = None
 
     def execute(self) -> None:
-        config = self.config
+        config, outcome = self.config, self.outcome
         self.source = source = connect(config.source, config, self.stop)
         self.target = target = connect(config.target, config, self.stop)
         self.journal = journal = Journal(config.save, config.source.url,
@@ -1727,39 +1990,48 @@ class Run:
                          "studies completed by earlier runs")
             if config.query or config.studies:
                 self.selected = select_studies(source, config.query, config.studies)
-            # Read before the listings: whatever arrives later is in the change log after it.
-            follow_from = int(source.get("/changes?last").get("Last", 0)) if config.follow else 0
-            if self.selected is None:
-                self.plan = plan = scan(source, target, config.threads, self.progress)
-            else:
-                self.plan = plan = scan_selection(source, target, self.selected, config.threads)
-            for line in plan_lines(plan, self.selected is not None):
+            # Where the change log stands before anything is listed: whatever arrives later
+            # is after it, for the next run and for --follow.
+            last = source.get("/changes?last")
+            position = int(last.get("Last", 0))
+            anchor = next((str(change.get("ID", "")) for change in last.get("Changes", [])
+                           if int(change.get("Seq", -1)) == position), "")
+            statistics = source.get("/statistics") if self.selected is None else None
+            studies = self.selected if self.selected is not None else \
+                source.whole("GET", "/studies")
+            on_target = set(target.whole("GET", "/studies"))
+            metadata = self.resume(position, anchor, background)
+            work = [study for study in studies
+                    if study not in journal.studies or study not in on_target]
+            outcome.studies, outcome.studies_skipped = len(studies), len(studies) - len(work)
+            if outcome.studies_skipped:
+                chosen = set(work)
+                outcome.skipped_instances = sum(journal.studies[study] for study in studies
+                                                if study not in chosen)
+            for line in plan_lines(outcome, statistics):
                 self.say(line)
+            total = None if statistics is None else max(
+                0, int(statistics["CountInstances"]) - outcome.skipped_instances)
+            self.started = True
+            self.progress.start(total, "checking" if config.dry_run else "copying")
+            try:
+                Walk(config, self.copier, journal, self.progress, self.stop, outcome).run(
+                    work, on_target.__contains__)
+            finally:
+                self.progress.finish()
             if config.dry_run:
                 self.say("Dry run:       nothing was written to the target or the save file")
                 return
-            # The change log is read while the instances travel: on a first run it is several
-            # records per instance, all to be read before the metadata can be synced.
-            reading = background.submit(read_changes, source, journal.position or 0,
-                                        is_metadata_change) if config.metadata else None
-            outcome = self.outcome
-            run_transfer(config, plan, self.copier, journal, self.progress, self.stop, outcome)
             if outcome.interrupted:
                 return
-            if not outcome.failed:
-                journal.studies_done([(study, 0, 0) for study in plan.listed_studies
-                                      if study not in journal.studies
-                                      and study not in plan.studies])
-            if reading is not None:
-                self.copy_metadata(*reading.result())
+            if metadata is not None:
+                self.copy_metadata(metadata.result())
                 self.copy_labels()
             if config.verify:
-                checked, gone, outcome.verify_problems = verify_copy(
-                    source, target, plan.source_ids, config.threads, self.progress)
-                outcome.verified, outcome.vanished = checked, outcome.vanished + gone
+                self.verify(studies, statistics)
             if config.follow and not outcome.target_full and not (
                     outcome.failed and not config.ignore_errors):
-                self.follow(follow_from, set(plan.source_ids))
+                self.follow(position)
         except KeyboardInterrupt:
             self.outcome.interrupted = True
             self.stop.set()
@@ -1768,6 +2040,63 @@ class Run:
             journal.close()
             source.close()
             target.close()
+
+    def resume(self, position: int, anchor: str,
+               background: ThreadPoolExecutor) -> Optional["Future[ChangeLog]"]:
+        """Decide which studies the save file lets this run skip, and start reading the
+        change log for metadata (None with --no-metadata).
+
+        The studies recorded complete since the last mark are skipped unless the change log
+        says that instances arrived in them after it. That holds only if the log still is the
+        one the mark was taken from: the change at the mark must still be there, naming the
+        same resource. A log cleared (DELETE /changes), a server restarted on another
+        database, or --recheck: every study is looked at again."""
+        config, journal, source = self.config, self.journal, self.source
+        mark = journal.mark
+        intact = mark is not None and not config.recheck and mark[0] <= position and (
+            mark == (0, "") if mark[0] == 0 else change_at(source, mark[0]) == mark[1])
+        since = journal.position or 0
+        wanted = is_metadata_change if config.metadata else (lambda change: False)
+        if not intact:
+            if mark is not None and not config.recheck:
+                log.warning("the source's change log is not the one the save file's mark was "
+                            "taken from (cleared or restarted?): looking at every study again")
+            journal.begin(position, anchor, (), reset=True)
+        else:
+            assert mark is not None
+            changes = read_changes(source, mark[0], lambda change: is_arrival(change)
+                                   or wanted(change), until=position)
+            touched = touched_studies(source, [change for change in changes.changes
+                                               if is_arrival(change)],
+                                      config.threads) if journal.studies else set()
+            journal.begin(position, anchor, touched, reset=False)
+            if since >= mark[0] and config.metadata:
+                done: Future[ChangeLog] = Future()
+                done.set_result(ChangeLog([change for change in changes.changes
+                                           if wanted(change)], position))
+                return done
+        if not config.metadata:
+            return None
+        # From an older position, the log is read while the instances travel: on a first
+        # run it is several records per instance, all to be read before metadata is synced.
+        return background.submit(read_changes, source, since, wanted, position)
+
+    def verify(self, studies: list[str], statistics: Optional[dict]) -> None:
+        """--verify: the stored MD5 of every instance of every study, on both servers."""
+        outcome = self.outcome
+        outcome.verified = 0
+        self.progress.start(None if statistics is None else int(statistics["CountInstances"]),
+                            "verifying")
+        try:
+            for study in studies:
+                checked, gone, problems = verify_study(self.source, self.target, study,
+                                                       self.config.threads)
+                outcome.verified += checked
+                outcome.vanished += gone
+                outcome.verify_problems.extend(problems)
+                self.progress.advance(checked + gone)
+        finally:
+            self.progress.finish()
 
     def in_selection(self, level: str, resource: str) -> bool:
         if self.selected is None:
@@ -1785,13 +2114,13 @@ class Run:
                 return False
             raise
 
-    def copy_metadata(self, changes: list[dict], position: int, every_known: bool = True) -> None:
-        """Record the changes read up to `position`, then sync every resource known to carry
-        user metadata or attachments, or (`every_known` False, a --follow look) only those the
-        changes name: the others were synced by the first pass. The candidates are saved with
-        the position, so a crash before the sync costs nothing: the next run syncs them."""
-        fresh = metadata_candidates(changes)
-        self.journal.changes_read(position, fresh)
+    def copy_metadata(self, changes: ChangeLog, every_known: bool = True) -> None:
+        """Record the changes read, then sync every resource known to carry user metadata or
+        attachments, or (`every_known` False, a --follow look) only those the changes name:
+        the others were synced by the first pass. The candidates are saved with the position,
+        so a crash before the sync costs nothing: the next run syncs them."""
+        fresh = metadata_candidates(changes.changes)
+        self.journal.changes_read(changes.last, fresh)
         candidates = sorted(candidate for candidate in
                             (self.journal.candidates if every_known else fresh)
                             if self.in_selection(*candidate))
@@ -1832,14 +2161,14 @@ class Run:
         for _ in parallel_map(one, resources, self.config.threads):
             pass
 
-    def follow(self, position: int, known: set[str]) -> None:
+    def follow(self, position: int) -> None:
         """Copy what arrives on the source until Ctrl-C, polling its change log. A server that
         stays out of reach through all the retries of a look is waited for, from the same
         position: a follow left running for days outlives a restart of either server."""
         log.info("following the source's changes from position %d (Ctrl-C stops)", position)
         while not self.stop.wait(self.config.poll):
             try:
-                next_position = self.follow_once(position, known)
+                next_position = self.follow_once(position)
             except GaveUp as error:
                 log.warning("%s: %s: %s; looking again in %g s", time.strftime("%H:%M:%S"),
                             error.what, error, self.config.poll)
@@ -1847,31 +2176,30 @@ class Run:
             if next_position is None:
                 return
             position = next_position
-            known.clear()  # only a look that failed half way leaves anything to skip next time
 
-    def follow_once(self, position: int, known: set[str]) -> Optional[int]:
-        """One look at the change log: copy the instances that arrived since `position` and
-        sync the metadata. The new position, or None when following must stop."""
+    def follow_once(self, position: int) -> Optional[int]:
+        """One look at the change log: check again the studies that instances arrived in
+        since `position`, copy what they lack, and sync the metadata the changes name. The
+        new position, or None when following must stop."""
         config, outcome = self.config, self.outcome
-        changes, last = read_changes(self.source, position, lambda change: (
-            is_new_instance(change) or (config.metadata and is_metadata_change(change))))
-        arrived = [change["ID"] for change in changes
-                   if is_new_instance(change) and change["ID"] not in known]
-        if arrived:
+        changes = read_changes(self.source, position, lambda change: (
+            is_arrival(change) or (config.metadata and is_metadata_change(change))))
+        if changes.last == position:
+            return position
+        touched = touched_studies(self.source, [change for change in changes.changes
+                                                if is_arrival(change)], config.threads)
+        if touched and self.selected is not None:
             if config.query:
                 self.selected = select_studies(self.source, config.query, config.studies)
-            details, series_study = describe_instances(self.source, set(arrived), None, None,
-                                                       config.threads)
-            plan = plan_copy(arrived, set(), details, series_study, 0, 0)
-            if self.selected is not None:
-                chosen = set(self.selected)
-                plan.studies = {study: instances for study, instances in plan.studies.items()
-                                if study in chosen}
+            touched &= set(self.selected)
+        # The studies the arrivals went into are taken back before they are looked at: a
+        # look cut short leaves them to the next run.
+        self.journal.begin(changes.last, changes.last_id, touched, reset=False)
+        if touched:
             self.target.get("/system")  # a target out of reach fails the look, not the copies
-            known.update(arrived)  # should the rest of this look fail, they are not sent twice
             before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
-            run_transfer(config, plan, self.copier, self.journal, Progress(False), self.stop,
-                         outcome)
+            Walk(config, self.copier, self.journal, Progress(False), self.stop, outcome).run(
+                sorted(touched), lambda study: True)
             copied, copied_bytes, failed = (outcome.copied - before[0],
                                             outcome.copied_bytes - before[1],
                                             len(outcome.failed) - before[2])
@@ -1881,17 +2209,17 @@ class Run:
             if outcome.interrupted or outcome.target_full or (failed and not config.ignore_errors):
                 return None
         if config.metadata:
-            self.copy_metadata(changes, last, every_known=False)
+            self.copy_metadata(changes, every_known=False)
         else:
-            self.journal.changes_read(last, ())
-        return last
+            self.journal.changes_read(changes.last, ())
+        return changes.last
 
 
 def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int,
                  error: Optional[str] = None) -> None:
     """The JSON record of a run, written whole (through a temporary file) at its end.
     `error`: the line that says why an error ended the run, if one did."""
-    outcome, plan = run.outcome, run.plan
+    outcome = run.outcome
     report = {
         "tool": f"replicate.py {__version__}",
         "source": config.source.url,
@@ -1899,12 +2227,15 @@ def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int
         "exit_status": code,
         "error": error,
         "copied": outcome.copied,
-        "skipped": (plan.present if plan else 0) + outcome.already,
+        "skipped": outcome.already_there,
         "failed": [{"id": instance, "reason": reason} for instance, reason in outcome.failed],
         "bytes": outcome.copied_bytes,
         "seconds": round(elapsed, 3),
-        "planned": {"instances": plan.missing, "bytes": plan.missing_bytes,
-                    "source_instances": plan.source_instances} if plan else None,
+        "planned": {"studies": outcome.studies, "selected": run.selected is not None,
+                    "studies_skipped": outcome.studies_skipped,
+                    "studies_checked": outcome.studies_checked,
+                    "instances": outcome.missing, "bytes": outcome.missing_bytes}
+        if run.started else None,
         "vanished": outcome.vanished,
         "interrupted": outcome.interrupted,
         "metadata": {"written": outcome.metadata_written,
@@ -1934,14 +2265,14 @@ def replicate(config: Config, stop: threading.Event) -> int:
         run.execute()
     except Exception as error:
         elapsed = time.monotonic() - started
-        if run.plan is not None:  # the copy may have begun: say what it did
-            for line in summary_lines(run.plan, run.outcome, elapsed):
+        if run.started:  # the copy may have begun: say what it did
+            for line in summary_lines(run.outcome, elapsed):
                 print(line, flush=True)
         code, message = error_status(error)
         return finish_report(config, run, elapsed, code, message)
     elapsed = time.monotonic() - started
     outcome = run.outcome
-    for line in summary_lines(run.plan, outcome, elapsed):
+    for line in summary_lines(outcome, elapsed):
         print(line, flush=True)
     for instance_id, problem in outcome.verify_problems:
         log.error("verify failed: instance %s: %s", instance_id, problem)
@@ -1956,12 +2287,14 @@ def replicate(config: Config, stop: threading.Event) -> int:
                       "then run the same command again", outcome.target_full)
         elif outcome.stopped_on_failure and not config.ignore_errors:
             instance_id, reason = outcome.failed[0]
-            log.error("stopped at the first failure: instance %s: %s (--ignore-errors goes on)",
+            log.error("stopped at the first failure: %s %s: %s (--ignore-errors goes on)",
+                      "study" if instance_id in outcome.failed_studies else "instance",
                       instance_id, reason)
         elif len(outcome.failed) > 1:
             log.error("%d instances failed:", len(outcome.failed))
             for instance_id, reason in outcome.failed:
-                log.error("  instance %s: %s", instance_id, reason)
+                log.error("  %s %s: %s", "study" if instance_id in outcome.failed_studies
+                          else "instance", instance_id, reason)
         code = EXIT_FAILURES
     else:
         code = EXIT_OK

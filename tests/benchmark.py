@@ -6,7 +6,13 @@ of best times, their ratio and replicate.py's peak RSS, then the re-run with not
 the tiny corpus and what planning costs. Every copy is checked (instance IDs and sizes, and MD5s
 in smoke mode). Not part of the pytest run, except for its smoke scale.
 
-usage: python tests/benchmark.py [--corpora mixed,tiny,big] [--repeat 2] [--scale full|smoke]
+The `scale` corpora (20,000 and 200,000 tiny instances in studies of 40, and one study of
+50,000 in 10 series) are not timed against the push: they measure what must not grow with the
+archive: peak RSS of a full copy and of a re-run with nothing to copy, the time until the
+first instance lands, and the requests each server receives during that re-run.
+
+usage: python tests/benchmark.py [--corpora mixed,tiny,big,scale20k,scale,onestudy]
+                                 [--repeat 2] [--scale full|smoke]
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import tracemalloc
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +37,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import requests  # noqa: E402
 
 import replicate  # noqa: E402
 from dicomgen import write_corpus  # noqa: E402
@@ -46,13 +50,20 @@ CORPORA = {
         "mixed": [(40, 3, 25, 256, 256, 1), (2, 1, 1, 2048, 1024, 15)],
         "tiny": [(600, 2, 20, 8, 8, 1)],
         "big": [(3, 1, 1, 4096, 2048, 12)],
+        "scale20k": [(500, 2, 20, 8, 8, 1)],
+        "scale": [(5000, 2, 20, 8, 8, 1)],
+        "onestudy": [(1, 10, 5000, 8, 8, 1)],
     },
     "smoke": {
         "mixed": [(2, 2, 4, 256, 256, 1), (1, 1, 1, 512, 512, 6)],
         "tiny": [(6, 2, 5, 8, 8, 1)],
         "big": [(1, 1, 1, 1024, 1024, 3)],
+        "scale20k": [(5, 2, 4, 8, 8, 1)],
+        "scale": [(10, 2, 4, 8, 8, 1)],
+        "onestudy": [(1, 3, 30, 8, 8, 1)],
     },
 }
+SCALE_CORPORA = {"scale20k", "scale", "onestudy"}  # measured for memory and start-up only
 PUSH_PER_STUDY = {"tiny"}  # one huge push job is pathologically slow; one job per study is fair
 FLOOR_CORPORA = {"tiny"}  # where the target's own ingestion decides the time
 
@@ -75,6 +86,18 @@ class Measure:
     ours: list[Timing] = field(default_factory=list)
     floor: list[Timing] = field(default_factory=list)
     rss_kb: list[int] = field(default_factory=list)
+    first_landing: list[float] = field(default_factory=list)  # seconds to the first instance
+    rerun: Optional["Rerun"] = None
+
+
+@dataclass
+class Rerun:
+    """A re-run with nothing to copy."""
+    seconds: float
+    rss_kb: int
+    source_requests: int
+    target_requests: int
+    posts: int
 
 
 def best(timings: list[Timing]) -> Timing:
@@ -184,16 +207,33 @@ def floor(source: OrthancServer, target: OrthancServer) -> Timing:
     return clock.stop()
 
 
-def ours(source: OrthancServer, target: OrthancServer, save: Path) -> tuple[Timing, int, str]:
-    """Run replicate.py with default options; (timing, peak RSS in KB, stdout).
+def ours(source: OrthancServer, target: OrthancServer, save: Path,
+         watch_first: bool = False) -> tuple[Timing, int, str, Optional[float]]:
+    """Run replicate.py with default options; (timing, peak RSS in KB, stdout, seconds until
+    the first instance landed on the target if `watch_first`).
 
     The peak is the child's VmHWM, polled every 20 ms: it is a high-water mark of the child's
     own memory, whereas wait4's ru_maxrss would start from this (much larger) parent's size.
     Its CPU is read at the same polls (the last 20 ms may be missed)."""
     clock = ServerClock(source, target)
+    started = time.monotonic()
     process = subprocess.Popen([sys.executable, SCRIPT, source.url, target.url, "--save",
                                 str(save), "-q", "--username", USER, "--password", PASSWORD],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first: Optional[float] = None
+    watcher = None
+    if watch_first:
+        def watch() -> None:
+            nonlocal first
+            session = target.new_session()
+            while process.poll() is None:
+                answer = session.get(target.url + "/statistics", timeout=60).json()
+                if answer["CountInstances"] > 0:
+                    first = time.monotonic() - started
+                    return
+                time.sleep(0.02)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
     peak = 0
     client_cpu = 0.0
     status = Path(f"/proc/{process.pid}/status")
@@ -208,9 +248,11 @@ def ours(source: OrthancServer, target: OrthancServer, save: Path) -> tuple[Timi
         time.sleep(0.02)
     out, err = process.communicate()
     timing = clock.stop(client_cpu)
+    if watcher is not None:
+        watcher.join()
     if process.returncode != 0:
         raise RuntimeError(f"replicate.py exited {process.returncode}: {err}")
-    return timing, peak, out
+    return timing, peak, out, first
 
 
 def check_copy(source: OrthancServer, target: OrthancServer, deep: bool) -> None:
@@ -239,47 +281,10 @@ def discard(server: OrthancServer) -> None:
     shutil.rmtree(server.folder, ignore_errors=True)
 
 
-def count_requests(function: object, *args: object) -> tuple[object, int, int]:
-    """Call `function` counting HTTP requests and the peak of traced Python memory."""
-    counter = {"requests": 0}
-    lock = threading.Lock()
-    original = requests.Session.request
-
-    def counting(self: requests.Session, *a: object, **k: object) -> requests.Response:
-        with lock:
-            counter["requests"] += 1
-        return original(self, *a, **k)
-    requests.Session.request = counting  # type: ignore[method-assign]
-    tracemalloc.start()
-    try:
-        result = function(*args)  # type: ignore[operator]
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-        requests.Session.request = original  # type: ignore[method-assign]
-    return result, counter["requests"], peak
-
-
-def plan_cost(source: OrthancServer, target: OrthancServer) -> tuple[int, int, int]:
-    """(requests, peak bytes, instances) of planning a full copy into `target`."""
-    stop = threading.Event()
-    policy = replicate.RetryPolicy()
-    clients = [replicate.OrthancClient(replicate.Endpoint(role, server.url, USER, PASSWORD),
-                                       policy, stop) for role, server in
-               (("source", source), ("target", target))]
-    for client in clients:
-        client.check()
-    plan, requests_made, peak = count_requests(replicate.scan, clients[0], clients[1], 4)
-    return requests_made, peak, plan.source_instances  # type: ignore[attr-defined]
-
-
 def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) -> list[str]:
     lines: list[str] = []
     measures = []
     deep = scale == "smoke"
-    rerun = None
-    planning = None
-    unchanged = 0
     for kind in corpora:
         files = generate(kind, scale, cache)
         source = OrthancServer(work / f"source-{kind}", "SOURCE").start()
@@ -288,25 +293,25 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
             statistics = source.get("/statistics")
             measure = Measure(kind, statistics["CountInstances"],
                               int(statistics["TotalUncompressedSize"]))
-            for _ in range(repeat):
-                target = fresh_target(work, "push")
-                settle()
-                measure.push.append(push(source, target, kind in PUSH_PER_STUDY))
-                check_copy(source, target, deep)
-                discard(target)
+            timed = kind not in SCALE_CORPORA
+            for number in range(repeat if timed else 1):
+                if timed:
+                    target = fresh_target(work, "push")
+                    settle()
+                    measure.push.append(push(source, target, kind in PUSH_PER_STUDY))
+                    check_copy(source, target, deep)
+                    discard(target)
                 target = fresh_target(work, "ours")
                 save = target.folder / "save"
                 settle()
-                timing, rss, _ = ours(source, target, save)
+                timing, rss, _, first = ours(source, target, save, watch_first=True)
                 measure.ours.append(timing)
                 measure.rss_kb.append(rss)
+                if first is not None:
+                    measure.first_landing.append(first)
                 check_copy(source, target, deep)
-                if kind == "tiny" and rerun is None:
-                    rerun = rerun_nothing(source, target, save, work)
-                    unchanged = plan_cost(source, target)[0]
-                    empty = fresh_target(work, "plan")
-                    planning = plan_cost(source, empty)
-                    discard(empty)
+                if number == 0 and kind in RERUN_CORPORA:
+                    measure.rerun = rerun_nothing(source, target, save, work)
                 discard(target)
                 if kind in FLOOR_CORPORA:
                     target = fresh_target(work, "floor")
@@ -321,67 +326,95 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                  f"Orthanc {OrthancServer.version_of()}, {time.strftime('%Y-%m-%d')}")
     lines.append("")
     lines.append("| corpus | instances | size | push (best) | replicate.py (best) | ratio | "
-                 "peak RSS |")
-    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+                 "peak RSS | first landing |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for measure in measures:
-        best_push, best_ours = best(measure.push), best(measure.ours)
+        best_ours = best(measure.ours)
+        push_text, ratio = "-", "-"
+        if measure.push:
+            best_push = best(measure.push)
+            push_text = f"{best_push.seconds:.2f} s"
+            ratio = f"{best_ours.seconds / best_push.seconds:.2f}"
+        landing = f"{min(measure.first_landing):.2f} s" if measure.first_landing else "-"
         lines.append(f"| {measure.corpus} | {measure.instances:,} | "
-                     f"{replicate.format_bytes(measure.size)} | {best_push.seconds:.2f} s | "
-                     f"{best_ours.seconds:.2f} s | {best_ours.seconds / best_push.seconds:.2f} | "
-                     f"{max(measure.rss_kb) / 1024:.0f} MB |")
+                     f"{replicate.format_bytes(measure.size)} | {push_text} | "
+                     f"{best_ours.seconds:.2f} s | {ratio} | "
+                     f"{max(measure.rss_kb) / 1024:.0f} MB | {landing} |")
     lines.append("")
     lines.append("all times: " + "; ".join(
-        f"{m.corpus} push {', '.join(f'{t.seconds:.2f}' for t in m.push)} / ours "
+        f"{m.corpus} push {', '.join(f'{t.seconds:.2f}' for t in m.push) or '-'} / ours "
         f"{', '.join(f'{t.seconds:.2f}' for t in m.ours)}" for m in measures))
     lines.append("")
     lines.append("where the time goes (best run of each; CPU seconds of each process):")
     lines.append("")
     lines.append("| corpus | run | wall | source CPU | target CPU | replicate.py CPU | "
-                 "wall / push |")
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+                 "wall / push | wall / floor | replicate.py CPU per instance, per GB |")
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for measure in measures:
-        push_seconds = best(measure.push).seconds
+        push_seconds = best(measure.push).seconds if measure.push else None
+        floor_seconds = best(measure.floor).seconds if measure.floor else None
         for name, timings in (("push", measure.push), ("replicate.py", measure.ours),
                               ("target ingestion alone", measure.floor)):
-            if timings:
-                timing = best(timings)
-                lines.append(f"| {measure.corpus} | {name} | {timing.seconds:.2f} s | "
-                             f"{timing.source_cpu:.1f} | {timing.target_cpu:.1f} | "
-                             f"{timing.client_cpu:.1f} | {timing.seconds / push_seconds:.2f} |")
+            if not timings:
+                continue
+            timing = best(timings)
+            per = "-"
+            if name == "replicate.py":
+                per = (f"{timing.client_cpu / measure.instances * 1e6:.0f} µs, "
+                       f"{timing.client_cpu / (measure.size / 1e9):.1f} s")
+            lines.append(
+                f"| {measure.corpus} | {name} | {timing.seconds:.2f} s | "
+                f"{timing.source_cpu:.1f} | {timing.target_cpu:.1f} | {timing.client_cpu:.1f} | "
+                + (f"{timing.seconds / push_seconds:.2f}" if push_seconds else "-") + " | "
+                + (f"{timing.seconds / floor_seconds:.2f}" if floor_seconds else "-")
+                + f" | {per} |")
     lines.append("")
-    if rerun is not None and planning is not None:
-        tiny = next(m for m in measures if m.corpus == "tiny")
-        seconds, posts = rerun
-        lines.append(f"tiny re-run with nothing to copy: {seconds:.2f} s = "
-                     f"{seconds / best(tiny.ours).seconds * 100:.1f}% of a full copy, {posts} "
-                     "POSTs to the target")
-        requests_made, peak, instances = planning
-        lines.append(f"planning a full copy of tiny: {requests_made} requests, peak traced "
-                     f"memory {peak / instances:.0f} bytes per instance ({instances:,} instances)")
-        lines.append(f"planning with nothing to copy: {unchanged} requests for both servers "
-                     "together, whatever the corpus size")
+    for measure in measures:
+        if measure.rerun is not None:
+            rerun = measure.rerun
+            lines.append(f"{measure.corpus} re-run with nothing to copy: {rerun.seconds:.2f} s = "
+                         f"{rerun.seconds / best(measure.ours).seconds * 100:.1f}% of a full "
+                         f"copy, peak RSS {rerun.rss_kb / 1024:.0f} MB, "
+                         f"{rerun.source_requests} requests to the source, "
+                         f"{rerun.target_requests} to the target, {rerun.posts} POSTs to the "
+                         "target")
     return lines
 
 
+RERUN_CORPORA = {"tiny", "scale20k", "scale", "onestudy"}
+COUNT_LUA = ('function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n'
+             '  print("REQUEST-SEEN " .. method .. " " .. uri)\n'
+             '  return true\nend\n')
+
+
 def rerun_nothing(source: OrthancServer, target: OrthancServer, save: Path,
-                  work: Path) -> tuple[float, int]:
-    """Restart the filled target with a Lua script that logs every POST, re-run, count them."""
+                  work: Path) -> Rerun:
+    """Restart both servers with a Lua script that logs every request, re-run, count them."""
     script = work / "count.lua"
-    script.write_text('function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n'
-                      '  if method == "POST" then print("POST-SEEN " .. uri) end\n'
-                      '  return true\nend\n')
-    target.stop()
-    target.config["LuaScripts"] = [str(script)]
-    target.start()
-    timing, _, _ = ours(source, target, save)
-    posts = (target.folder / "orthanc.log").read_text().count("POST-SEEN")
-    return timing.seconds, posts
+    script.write_text(COUNT_LUA)
+    seen = {}
+    for server in (source, target):
+        server.stop()
+        server.config["LuaScripts"] = [str(script)]
+        server.start()
+        seen[server.name] = (server.folder / "orthanc.log").read_text().count("REQUEST-SEEN")
+    timing, rss, _, _ = ours(source, target, save)
+    counts = {}
+    for server in (source, target):
+        text = (server.folder / "orthanc.log").read_text()
+        counts[server.name] = text.count("REQUEST-SEEN") - seen[server.name]
+        if server is target:
+            posts = text.count("REQUEST-SEEN POST /instances")
+        server.stop()
+        server.config.pop("LuaScripts")
+        server.start()
+    return Rerun(timing.seconds, rss, counts["SOURCE"], counts["TARGET"], posts)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="replicate.py against Orthanc's push")
-    parser.add_argument("--corpora", default="mixed,tiny,big",
-                        help="comma-separated (default: mixed,tiny,big)")
+    parser.add_argument("--corpora", default="mixed,tiny,big,scale20k,scale,onestudy",
+                        help="comma-separated (default: all six)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each (default: 2)")
     parser.add_argument("--scale", choices=("full", "smoke"), default="full",
                         help="full corpora or seconds-long ones (default: full)")

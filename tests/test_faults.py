@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
-from dicomgen import orthanc_id, write_corpus
+import replicate
+
+from dicomgen import make_instance, orthanc_id, write_corpus, write_dicom
 from faultproxy import Fault, FaultProxy, cycling
 from orthanc import PASSWORD, USER, OrthancServer
 from test_replicate import (CORPUS_SIZE, REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
@@ -163,19 +166,25 @@ def test_a_save_file_that_cannot_grow_stops_the_run_without_a_traceback(source, 
 def test_an_instance_deleted_during_the_copy_is_counted_as_vanished(make_server,
                                                                      tmp_path, capsys) -> None:
     source = make_server("SOURCE")
-    source.upload(write_corpus(tmp_path / "small", 1, 1, 10, prefix="A"))
-    large = source.upload(write_corpus(tmp_path / "large", 1, 1, 1, rows=512, columns=512,
-                                       frames=5, prefix="B"))[0]
-    slow = make_server("SLOW", LuaScripts=[slow_lua(tmp_path, 0.2)])
+    small = write_corpus(tmp_path / "small", 1, 1, replicate.BATCH_MAX_INSTANCES, prefix="A")
+    source.upload(small)
+    # the large one in a second series of the same study: it is checked with the small ones
+    # and queued behind their full archive
+    first = pydicom.dcmread(small[0])
+    dataset = make_instance(first.PatientID, first.StudyInstanceUID, generate_uid(), 1,
+                            rows=512, columns=512, frames=5)
+    write_dicom(dataset, tmp_path / "large.dcm")
+    large = source.upload([tmp_path / "large.dcm"])[0]
+    slow = make_server("SLOW", LuaScripts=[slow_lua(tmp_path, 0.01)])
     save = tmp_path / "save"
     process = start_process(args(source, slow, save, "--threads", "1"))
-    # the ten small ones travel first, one archive taking 2 s to store
+    # the small ones travel first, one archive taking 2 s to store
     wait_for(lambda: len(slow.instances()) >= 1)
     source.session.delete(f"{source.url}/instances/{large}", timeout=60).raise_for_status()
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert summary_value(out, "Vanished:") == 1 and summary_value(out, "Failed:") == 0
-    assert summary_value(out, "Copied:") == 10
+    assert summary_value(out, "Copied:") == replicate.BATCH_MAX_INSTANCES
 
 
 def test_verify_an_exact_copy_from_a_compressed_source(make_server, corpus, target, tmp_path,

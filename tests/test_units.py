@@ -12,7 +12,7 @@ import requests
 import replicate
 from replicate import (Batch, HttpStatusError, Instance, Journal, RetryPolicy, UsageError,
                        call_with_retries, format_bytes, is_retryable, make_batches,
-                       parse_url, pick_credentials, plan_copy, same_server)
+                       missing_instances, parse_url, pick_credentials, same_server)
 
 
 # ---- URLs and credentials -------------------------------------------------------------------
@@ -62,20 +62,19 @@ def test_same_server() -> None:
 
 
 # ---- planning and batching ------------------------------------------------------------------
-def test_plan_copies_only_what_the_target_lacks_grouped_by_study() -> None:
-    details = {"i1": (10, "s1"), "i2": (20, "s2"), "i4": (40, "s1")}
-    plan = plan_copy(["i1", "i2", "i3", "i4", "i5"], {"i3", "other"}, details,
-                     {"s1": "A", "s2": "B"}, source_bytes=150, source_studies=2)
-    assert plan.source_instances == 5
-    assert {study: [i.id for i in instances] for study, instances in plan.studies.items()} == \
-        {"A": ["i1", "i4"], "B": ["i2"]}
-    assert plan.missing == 3 and plan.missing_bytes == 70
-    assert plan.vanished == 1  # i5 had no details: deleted from the source during the scan
+def test_study_check_lists_only_what_the_target_lacks() -> None:
+    layout = {"s1": ["i1", "i3", "i4"], "s2": ["i2", "i5"]}
+    check = missing_instances(layout, {"i3", "other"}, {"i1": 10, "i2": 20, "i4": 40}, "A")
+    assert [(i.id, i.study, i.size) for i in check.missing] == \
+        [("i1", "A", 10), ("i4", "A", 40), ("i2", "A", 20)]
+    assert check.present == 1
+    assert check.vanished == 1  # i5 had no size: deleted from the source in between
+    assert check.instances == 5
 
 
-def test_plan_with_nothing_missing_is_empty() -> None:
-    plan = plan_copy(["a", "b"], {"a", "b"}, {}, {}, 0, 1)
-    assert plan.studies == {} and plan.missing == 0 and plan.vanished == 0
+def test_study_check_with_nothing_missing_is_empty() -> None:
+    check = missing_instances({"s": ["a", "b"]}, {"a", "b"}, {}, "A")
+    assert check.missing == [] and check.present == 2 and check.vanished == 0
 
 
 def _instances(*sizes: int) -> list[Instance]:
@@ -86,7 +85,7 @@ def test_batches_by_size_class() -> None:
     big = replicate.STREAM_MIN_INSTANCE
     medium = replicate.ARCHIVE_MAX_INSTANCE + 1
     batches = make_batches(_instances(100, 100, medium, big, 100, medium), True, True)
-    assert [(b.mode, [i.id for i in b.instances]) for b in batches] == [
+    assert sorted((b.mode, [i.id for i in b.instances]) for b in batches) == [
         ("archive", ["i0", "i1", "i4"]), ("bundle", ["i2", "i5"]), ("single", ["i3"])]
 
 
@@ -350,6 +349,25 @@ def test_journal_keeps_the_change_position_and_candidates(tmp_path: Path) -> Non
     assert path.read_text().count("meta\t") == 2
 
 
+def test_journal_mark_redo_and_reset(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    journal.begin(10, "c10", (), reset=False)
+    journal.studies_done([("s1", 3, 300), ("s2", 4, 0), ("s3", 1, 0)])
+    journal.begin(20, "c20", ["s2", "unknown"], reset=False)  # instances arrived in s2
+    journal.close()
+    again = Journal(path, "http://a:1", "http://b:2").open()
+    assert again.mark == (20, "c20")
+    assert again.studies == {"s1": 3, "s3": 1}
+    again.begin(25, "c25", (), reset=True)  # the source's log was cleared: look at everything
+    again.studies_done([("s3", 2, 0)])
+    again.close()
+    lines = path.read_text().splitlines()
+    assert lines.count("redo\ts2") == 1 and not any(line.endswith("unknown") for line in lines)
+    last = Journal(path, "http://a:1", "http://b:2").open(read_only=True)
+    assert last.mark == (25, "c25") and last.studies == {"s3": 2}
+
+
 def test_read_only_journal_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open(read_only=True)
@@ -360,10 +378,15 @@ def test_read_only_journal_writes_nothing(tmp_path: Path) -> None:
 
 def test_progress_line_and_durations() -> None:
     assert replicate.progress_line("copying", 1_200_000, 3_600_000, True, 1.2,
-                                   "120/400 instances") == \
-        "copying: 120/400 instances, 1.2 MB of 3.6 MB (33%), 1.0 MB/s, about 2 s left"
+                                   "120 copied") == \
+        "copying: 120 copied, 1.2 MB of 3.6 MB (33%), 1.0 MB/s, about 2 s left"
+    assert replicate.progress_line("copying", 400, 1200, False, 40.0, "120 copied, 1.2 MB") \
+        == "copying: 120 copied, 1.2 MB, 400 of 1,200 instances (33%), 10/s, about 1 min left"
     assert replicate.progress_line("scanning", 12_000, 24_000, False, 4.0) == \
-        "scanning: 12,000 of 24,000 (50%), 3,000/s, about 4 s left"
+        "scanning: 12,000 of 24,000 instances (50%), 3,000/s, about 4 s left"
+    # a selection: no total, so no share and no estimate
+    assert replicate.progress_line("copying", 50, None, False, 5.0) == \
+        "copying: 50 instances, 10/s"
     assert replicate.progress_line("copying", 0, 100, True, 0.0) == "copying: 0 B of 100 B (0%)"
     assert [replicate.format_duration(seconds) for seconds in
             (0, 44.6, 60, 3599, 3 * 3600 + 300, 3 * 86400 + 4 * 3600)] == \
