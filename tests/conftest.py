@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dicomgen import write_corpus  # noqa: E402
-from orthanc import (NEW_ORTHANC_BINARY, OLD_ORTHANC_BINARY, ORTHANC_BINARY,  # noqa: E402
-                     OrthancServer, PostgresCluster)
+from orthanc import (MARIADB_SERVER, MYSQL_PLUGIN, NEW_ORTHANC_BINARY,  # noqa: E402
+                     OLD_ORTHANC_BINARY, ORTHANC_BINARY, MariaDBServer, OrthancServer,
+                     PostgresCluster)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -94,6 +95,21 @@ def postgres() -> Iterator[PostgresCluster]:
     cluster = PostgresCluster(folder / "cluster").start()
     yield cluster
     cluster.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDBServer]:
+    """A throwaway MariaDB server, for an Orthanc index on MySQL; like PostgreSQL's, its
+    folder lies outside pytest's root-only temp tree because it runs as the mysql user."""
+    if not (Path(MARIADB_SERVER).exists() and Path(MYSQL_PLUGIN).exists()):
+        raise pytest.UsageError("MariaDB or Orthanc's MySQL plugin is not installed; "
+                                "bash .ci/run installs them")
+    folder = Path(tempfile.mkdtemp(prefix="replicate-mariadb-"))
+    os.chmod(folder, 0o755)
+    server = MariaDBServer(folder / "server").start()
+    yield server
+    server.stop()
     shutil.rmtree(folder, ignore_errors=True)
 
 

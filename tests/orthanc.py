@@ -25,6 +25,8 @@ OLD_ORTHANC_BINARY = "/opt/orthanc-1.9.1/Orthanc"
 NEW_ORTHANC_BINARY = "/opt/orthanc-1.12.7/Orthanc"
 POSTGRESQL_BIN = Path("/usr/lib/postgresql/15/bin")
 POSTGRESQL_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so"
+MYSQL_PLUGIN = "/usr/share/orthanc/plugins/libOrthancMySQLIndex.so"
+MARIADB_SERVER = "/usr/sbin/mariadbd"
 USER, PASSWORD = "user", "password"
 
 
@@ -202,3 +204,59 @@ class PostgresCluster:
         subprocess.run(["runuser", "-u", "postgres", "--", str(POSTGRESQL_BIN / "pg_ctl"), "-D",
                         str(self.folder), "-m", "immediate", "stop"], cwd="/",
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class MariaDBServer:
+    """A throwaway MariaDB server on loopback, for an Orthanc index on MySQL. It runs as the
+    `mysql` user the package creates; grant tables are skipped, as nobody else can reach it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> "MariaDBServer":
+        data = self.folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.folder, "mysql", "mysql")
+        shutil.chown(data, "mysql", "mysql")
+        subprocess.run(["mariadb-install-db", "--user=mysql", f"--datadir={data}",
+                        "--skip-test-db", "--auth-root-authentication-method=normal"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+        log = open(self.folder / "log", "ab")
+        self.process = subprocess.Popen(
+            [MARIADB_SERVER, "--no-defaults", "--user=mysql", f"--datadir={data}",
+             f"--port={self.port}", "--bind-address=127.0.0.1",
+             f"--socket={self.folder / 'socket'}", f"--pid-file={self.folder / 'pid'}",
+             "--skip-grant-tables", "--skip-log-bin", "--innodb-flush-log-at-trx-commit=0"],
+            stdout=log, stderr=subprocess.STDOUT, cwd="/")
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("MariaDB exited at start: "
+                                   + (self.folder / "log").read_text(errors="replace")[-2000:])
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("MariaDB did not listen in 60 s")
+
+    def create_database(self, name: str) -> None:
+        subprocess.run(["mariadb", "--protocol=tcp", "-h", "127.0.0.1", "-P", str(self.port),
+                        "-u", "root", "-e", f"CREATE DATABASE {name}"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def orthanc_config(self, database: str) -> dict:
+        return {
+            "Plugins": [MYSQL_PLUGIN],
+            "MySQL": {"EnableIndex": True, "EnableStorage": False, "Host": "127.0.0.1",
+                      "Port": self.port, "UnixSocket": "", "Database": database,
+                      "Username": "root", "Password": "", "Lock": False},
+        }
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
