@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
+import replicate
 from dicomgen import make_instance, write_corpus, write_dicom
 from orthanc import MariaDBServer, OrthancServer, PostgresCluster
 from test_replicate import (CORPUS_SIZE, args, journal_studies, run, slow_lua, start_process,
@@ -52,8 +53,11 @@ def test_a_rerun_looks_only_at_what_changed(source, target, tmp_path, capsys) ->
     assert summary_value(out, "Copied:") == len(gone) and skipped(out) == 4
     assert target.md5s() == source.md5s()
 
-    # an instance deleted from the target inside a complete study: only --recheck finds it
-    lost = target.get(f"/studies/{studies[2]}/instances")[0]["ID"]
+    # an instance deleted from the target inside a complete study (of several instances: the
+    # last one would take the study with it): only --recheck finds it
+    several = next(study for study in studies[2:]
+                   if len(target.get(f"/studies/{study}/instances")) > 1)
+    lost = target.get(f"/studies/{several}/instances")[0]["ID"]
     target.session.delete(f"{target.url}/instances/{lost}").raise_for_status()
     code, out, err = run(capsys, args(source, target, save))
     assert code == 0, err
@@ -162,3 +166,26 @@ def test_sqlite_with_compression_to_a_mysql_target(make_server, corpus,
     assert target.md5s() == source.md5s()
     code, out, err = run(capsys, args(source, target, save))
     assert code == 0 and skipped(out) == 5 and summary_value(out, "Copied:") == 0, err
+
+
+def test_a_study_too_large_to_list_whole_is_walked_series_by_series(source, target, tmp_path,
+                                                                    capsys,
+                                                                    monkeypatch) -> None:
+    """Above STUDY_ANSWER_MAX bytes a study's listing is not read: its series are, one by
+    one, and a series above SERIES_LISTING_MAX instances is sized by its average."""
+    monkeypatch.setattr(replicate, "STUDY_ANSWER_MAX", 3000)  # about 6 instances
+    monkeypatch.setattr(replicate, "SERIES_LISTING_MAX", 3)
+    biggest = max(source.get("/studies"),
+                  key=lambda study: len(source.get(f"/studies/{study}/instances")))
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--verify"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == CORPUS_SIZE
+    assert "Verified:      29 instances, 0 missing or different" in out
+    assert target.md5s() == source.md5s()
+    # a study the target has in part: only what it lacks travels
+    lost = target.get(f"/studies/{biggest}/instances")[:3]
+    for record in lost:
+        target.session.delete(f"{target.url}/instances/{record['ID']}").raise_for_status()
+    code, out, err = run(capsys, args(source, target, tmp_path / "save", "--recheck"))
+    assert code == 0, err
+    assert summary_value(out, "Copied:") == 3 and target.md5s() == source.md5s()
