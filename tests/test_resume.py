@@ -3,6 +3,7 @@ mark and the source's change log, against real Orthanc servers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydicom.uid import generate_uid
@@ -189,3 +190,15 @@ def test_a_study_too_large_to_list_whole_is_walked_series_by_series(source, targ
     code, out, err = run(capsys, args(source, target, tmp_path / "save", "--recheck"))
     assert code == 0, err
     assert summary_value(out, "Copied:") == 3 and target.md5s() == source.md5s()
+
+
+def test_a_change_log_page_skimmed_gives_what_decoding_it_gives(source) -> None:
+    """Pages without a change the run wants are skimmed for their positions, not decoded."""
+    for query in ("since=0&limit=10000", "since=5&limit=7", "since=100000&limit=10"):
+        body = source.session.get(f"{source.url}/changes?{query}", timeout=60).content
+        decoded = json.loads(body)
+        skimmed = replicate.skim_changes(body)
+        assert skimmed == {"Changes": [{"ID": change["ID"], "Seq": change["Seq"]}
+                                       for change in decoded["Changes"]],
+                           "Done": decoded["Done"], "Last": decoded["Last"]}
+    assert replicate.skim_changes(b'{"Changes": [], "Last": 3}') is None  # not Orthanc's layout
