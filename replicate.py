@@ -28,12 +28,13 @@ import random
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import urllib.parse
 import warnings
-import zipfile
+import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Optional, Type
 
 import requests
 import requests.adapters
+import urllib3
 
 try:
     import fcntl  # the save file's lock; Windows has none, and goes without
@@ -703,6 +705,24 @@ class OrthancClient:
         LISTING_TIMEOUT for the first byte, if that is longer than --timeout."""
         return self.json(method, path, read_timeout=max(self.policy.timeout, LISTING_TIMEOUT),
                          **kwargs)
+
+    def fetch(self, path: str) -> bytes:
+        """A file, read whole in one read of its announced length rather than in requests'
+        10 KiB blocks (a sixth of this tool's CPU on middle-sized instances); no retry. An
+        answer cut short raises TruncatedDownload, which is retried."""
+        response = self.send("GET", path, stream=True)
+        try:
+            content = response.raw.read(decode_content=True)
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            response.close()
+            raise TruncatedDownload(f"the answer to GET {path} was cut ({error})") from error
+        length = response.headers.get("Content-Length")
+        if length is not None and len(content) != int(length):
+            response.close()
+            raise TruncatedDownload(f"the answer to GET {path} ended after {len(content)} of "
+                                    f"{length} bytes")
+        response.raw.release_conn()  # back to the pool, kept alive
+        return content
 
     def data(self, path: str) -> bytes:
         """A GET of the answer's bytes, with retries."""
@@ -1559,14 +1579,14 @@ class Copier:
             archive = self.source.send("POST", "/tools/create-archive",
                                        json={"Resources": ids}).content
         else:
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as bundle:
-                for instance_id in ids:
-                    if self.stop.is_set():
-                        raise Interrupted()
-                    data = self.source.send("GET", f"/instances/{instance_id}/file").content
-                    bundle.writestr(f"{instance_id}.dcm", data)
-            archive = buffer.getvalue()
+            files = []
+            for instance_id in ids:
+                if self.stop.is_set():
+                    raise Interrupted()
+                files.append((f"{instance_id}.dcm",
+                              self.source.fetch(f"/instances/{instance_id}/file")))
+            archive = stored_zip(files)
+            del files
         body: Any = archive
         if self.limiter is not None:
             body = UploadBody(io.BytesIO(archive).read, len(archive), self.stop, self.limiter)
@@ -1575,6 +1595,33 @@ class Copier:
         records = answer if isinstance(answer, list) else [answer]
         return {record["ID"]: record.get("Status", "") for record in records
                 if isinstance(record, dict) and "ID" in record}
+
+
+def stored_zip(files: list[tuple[str, bytes]]) -> bytes:
+    """A ZIP archive of `files` (name, content), stored without compression: the DICOM files
+    are copied once into it and checksummed, where zipfile copies them twice more and spends
+    a tenth of this tool's CPU on middle-sized instances doing so. No ZIP64: a bundle holds
+    at most BATCH_MAX_INSTANCES files and BATCH_MAX_BYTES bytes, far below its limits."""
+    parts: list[bytes] = []
+    directory: list[bytes] = []
+    offset = 0
+    for name, content in files:
+        encoded = name.encode("utf-8")
+        checksum = zlib.crc32(content)
+        header = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, ZIP_DATE, checksum,
+                             len(content), len(content), len(encoded), 0)
+        directory.append(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, ZIP_DATE,
+                                     checksum, len(content), len(content), len(encoded), 0, 0,
+                                     0, 0, 0, offset) + encoded)
+        parts += [header, encoded, content]
+        offset += len(header) + len(encoded) + len(content)
+    central = b"".join(directory)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(directory), len(directory),
+                      len(central), offset, 0)
+    return b"".join(parts + [central, end])
+
+
+ZIP_DATE = (1 << 5) | 1  # 1980-01-01, the first day a ZIP can say
 
 
 # ---- progress and the final report ----------------------------------------------------------

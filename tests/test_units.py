@@ -391,3 +391,14 @@ def test_progress_line_and_durations() -> None:
     assert [replicate.format_duration(seconds) for seconds in
             (0, 44.6, 60, 3599, 3 * 3600 + 300, 3 * 86400 + 4 * 3600)] == \
         ["0 s", "45 s", "1 min", "59 min", "3 h 5 min", "3 d 4 h"]
+
+
+def test_stored_zip_is_a_zip_that_zipfile_reads_back() -> None:
+    import io
+    import zipfile
+    files = [("a.dcm", b"first file"), ("b.dcm", bytes(range(256)) * 300), ("empty.dcm", b"")]
+    archive = zipfile.ZipFile(io.BytesIO(replicate.stored_zip(files)))
+    assert archive.testzip() is None
+    assert [(info.filename, info.compress_type) for info in archive.infolist()] == \
+        [(name, zipfile.ZIP_STORED) for name, _ in files]
+    assert [archive.read(name) for name, _ in files] == [content for _, content in files]
