@@ -2163,10 +2163,10 @@ class Run:
                 source.whole("GET", "/studies")
             # What is known of each study is keyed by the source's own strings: a few tens of
             # bytes a study, not another copy of its ID for every set that names it.
+            journal.share_keys(studies)
             listed = set(target.whole("GET", "/studies"))
             on_target = {study for study in studies if study in listed}
             del listed
-            journal.share_keys(studies)
             metadata = self.resume(position, anchor, background)
 
             def needs_look(study: str) -> bool:
