@@ -9,7 +9,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
@@ -20,6 +20,9 @@ from dicomgen import write_corpus  # noqa: E402
 from orthanc import (MARIADB_SERVER, MYSQL_PLUGIN, NEW_ORTHANC_BINARY,  # noqa: E402
                      OLD_ORTHANC_BINARY, ORTHANC_BINARY, MariaDBServer, OrthancServer,
                      PostgresCluster)
+
+
+T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -84,33 +87,34 @@ def new_orthanc() -> str:
     return installed(NEW_ORTHANC_BINARY)
 
 
+def started_outside_tmp(prefix: str, start: Callable[[Path], T]) -> Iterator[T]:
+    """A database server started in a folder outside pytest's root-only temp tree (it runs as
+    its own user), stopped and removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(folder, 0o755)
+    server = start(folder)
+    yield server
+    server.stop()  # type: ignore[attr-defined]
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway PostgreSQL cluster; its folder lies outside pytest's root-only temp tree
-    because PostgreSQL runs as the postgres user."""
+    """A throwaway PostgreSQL cluster."""
     if not (shutil.which("runuser") and Path("/usr/lib/postgresql/15/bin/initdb").exists()):
         raise pytest.UsageError("PostgreSQL 15 is not installed; bash .ci/run installs it")
-    folder = Path(tempfile.mkdtemp(prefix="replicate-pg-"))
-    os.chmod(folder, 0o755)
-    cluster = PostgresCluster(folder / "cluster").start()
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from started_outside_tmp("replicate-pg-",
+                                   lambda folder: PostgresCluster(folder / "cluster").start())
 
 
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[MariaDBServer]:
-    """A throwaway MariaDB server, for an Orthanc index on MySQL; like PostgreSQL's, its
-    folder lies outside pytest's root-only temp tree because it runs as the mysql user."""
+    """A throwaway MariaDB server, for an Orthanc index on MySQL."""
     if not (Path(MARIADB_SERVER).exists() and Path(MYSQL_PLUGIN).exists()):
         raise pytest.UsageError("MariaDB or Orthanc's MySQL plugin is not installed; "
                                 "bash .ci/run installs them")
-    folder = Path(tempfile.mkdtemp(prefix="replicate-mariadb-"))
-    os.chmod(folder, 0o755)
-    server = MariaDBServer(folder / "server").start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from started_outside_tmp("replicate-mariadb-",
+                                   lambda folder: MariaDBServer(folder / "server").start())
 
 
 class _NotOrthanc(http.server.BaseHTTPRequestHandler):
