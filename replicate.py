@@ -715,7 +715,7 @@ class OrthancClient:
             content = response.raw.read(decode_content=True)
         except (urllib3.exceptions.HTTPError, OSError) as error:
             response.close()
-            raise TruncatedDownload(f"the answer to GET {path} was cut ({error})") from error
+            raise TruncatedDownload(f"the answer to GET {path} was cut short") from error
         length = response.headers.get("Content-Length")
         if length is not None and len(content) != int(length):
             response.close()

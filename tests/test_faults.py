@@ -49,6 +49,25 @@ def test_resets_cuts_and_stalls_on_the_way_to_the_target(source, target, tmp_pat
     assert target.md5s() == source.md5s()
 
 
+def test_answers_cut_and_resets_on_the_way_from_the_source(source, target, tmp_path,
+                                                           capsys) -> None:
+    """Files are read whole from the source (bundles) or streamed (large ones): an answer
+    cut in its body, or a reset, is retried, and the copy is exact."""
+    faults = (Fault("cut_answer", after=3_000), Fault("reset"),
+              Fault("cut_answer", after=30_000))
+    proxy = FaultProxy(source.port, cycling(*faults, count=9))
+    try:
+        code, out, err = run(capsys, [proxy.url, target.url, "--username", USER, "--password",
+                                      PASSWORD, "--save", str(tmp_path / "save"),
+                                      "--threads", "2", "-v"])
+    finally:
+        proxy.close()
+    assert code == 0, err
+    assert set(proxy.injected) == {"reset", "cut_answer"}, proxy.injected
+    assert "(attempt 1/9)" in err
+    assert target.md5s() == source.md5s()
+
+
 def test_target_killed_and_restarted_mid_run(make_server, source, tmp_path) -> None:
     target = make_server("TARGET", LuaScripts=[slow_lua(tmp_path, 0.1)])
     save = tmp_path / "save"
@@ -66,11 +85,14 @@ def test_target_killed_and_restarted_mid_run(make_server, source, tmp_path) -> N
 
 def test_a_listing_slower_than_timeout_is_waited_for(make_server, source, tmp_path,
                                                       capsys) -> None:
-    # Orthanc answers GET /instances only once it has every ID: on tens of millions of
-    # instances, longer than a request's --timeout
+    # Orthanc answers GET /studies only once it has every ID: on a big archive, longer than
+    # a request's --timeout
     target = make_server("TARGET", LuaScripts=[lua(tmp_path, "slow-listing", """
 function IncomingHttpRequestFilter(method, uri, ip, username, headers)
-  if method == "GET" and uri == "/instances" then os.execute("sleep 2.5") end
+  if method == "GET" and uri == "/studies" then
+    print("SLOW-LISTING")
+    os.execute("sleep 2.5")
+  end
   return true
 end
 """)])
@@ -78,6 +100,7 @@ end
                                       "--retries", "0"))
     assert code == 0, err
     assert summary_value(out, "Copied:") == CORPUS_SIZE
+    assert "SLOW-LISTING" in target.log_tail()  # the listing was asked for, and slow
 
 
 def test_a_server_down_for_good_fails_with_the_cause_and_attempts(source, target, tmp_path,
