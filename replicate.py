@@ -4,9 +4,10 @@
 usage: python replicate.py SOURCE TARGET [options]
 
 SOURCE and TARGET are http(s)://[user:password@]host:port[/prefix]. Both servers keep running.
-The tool lists what each server holds, plans the difference by Orthanc instance ID and copies
-every instance the target lacks; nothing the target already has is sent again and nothing on the
-target is touched. Interrupt it at any time and run the same command again to resume.
+The tool walks the source study by study, finds by Orthanc instance ID what the target lacks
+of each and copies it at once; nothing the target already has is sent again and nothing on the
+target is touched. Interrupt it at any time and run the same command again to resume: studies
+complete since the last run and untouched in the source's change log are not looked at again.
 
 Exit statuses:
   0    everything selected is on the target
@@ -700,7 +701,7 @@ class OrthancClient:
         return call_with_retries(action, f"{self.role} GET {path}", self.policy, self.stop)
 
     def whole(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A request over the whole server (every instance ID, a search), which Orthanc answers
+        """A request over the whole server (every study ID, a search), which Orthanc answers
         only once it has all of it: minutes for tens of millions of instances. It may wait
         LISTING_TIMEOUT for the first byte, if that is longer than --timeout."""
         return self.json(method, path, read_timeout=max(self.policy.timeout, LISTING_TIMEOUT),
