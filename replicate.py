@@ -2223,12 +2223,13 @@ class Run:
         database, or --recheck: every study is looked at again."""
         config, journal, source = self.config, self.journal, self.source
         mark = journal.mark
+        # A mark at 0 (the log was empty) cannot be checked: it holds while the log is empty.
         intact = mark is not None and not config.recheck and mark[0] <= position and (
-            mark == (0, "") if mark[0] == 0 else change_at(source, mark[0]) == mark[1])
+            position == 0 if mark[0] == 0 else change_at(source, mark[0]) == mark[1])
         since = journal.position or 0
         metadata = METADATA_CHANGES if config.metadata else frozenset()
         if not intact:
-            if mark is not None and not config.recheck:
+            if mark is not None and mark[0] > 0 and not config.recheck:
                 log.warning("the source's change log is not the one the save file's mark was "
                             "taken from (cleared or restarted?): looking at every study again")
             journal.begin(position, anchor, (), reset=True)
