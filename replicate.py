@@ -937,14 +937,13 @@ def find_in_slices(source: OrthancClient, body: dict, cap: int) -> list[str]:
     uids = fetch_details(source, {study: study for study in studies}, len(studies), "studies",
                          4, lambda record: record["MainDicomTags"].get("StudyInstanceUID", ""))
     ordered = sorted(set(uid for uid in uids.values() if uid))
-    found: list[str] = []
+    found: dict[str, None] = {}  # in the order found, each once
     size = max(1, min(cap, 500))
     for start in range(0, len(ordered), size):
         query = {**body["Query"], "StudyInstanceUID": "\\".join(ordered[start:start + size])}
-        for study in source.whole("POST", "/tools/find", json={**body, "Query": query}):
-            if study not in found:
-                found.append(study)
-    return found
+        found.update(dict.fromkeys(source.whole("POST", "/tools/find",
+                                                json={**body, "Query": query})))
+    return list(found)
 
 
 def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optional[int],
