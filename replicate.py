@@ -403,20 +403,19 @@ def pick_credentials(role: str, url_text: str, username_flag: Optional[str],
     return Endpoint(role, url, username, password if given else "orthanc", given)
 
 
-def missing_instances(layout: dict[str, list[str]], present: Collection[str],
-                      sizes: dict[str, int], study: str) -> StudyCheck:
-    """Planning one study: its instances by series on the source (`layout`), those the target
-    has (`present`) and the sizes of the others. A listed instance without a size was deleted
-    from the source in between: it is counted as vanished, not copied."""
+def missing_instances(listed: Iterable[tuple[str, Optional[int]]], present: Collection[str],
+                      study: str) -> StudyCheck:
+    """Planning one study: its instances on the source with their sizes (`listed`), and those
+    the target has (`present`). A listed instance without a size was deleted from the source
+    between its listing and the reading of its size: it is counted as vanished, not copied."""
     check = StudyCheck(study)
-    for instances in layout.values():
-        for instance_id in instances:
-            if instance_id in present:
-                check.present += 1
-            elif instance_id in sizes:
-                check.missing.append(Instance(instance_id, study, sizes[instance_id]))
-            else:
-                check.vanished += 1
+    for instance_id, size in listed:
+        if instance_id in present:
+            check.present += 1
+        elif size is not None:
+            check.missing.append(Instance(instance_id, study, size))
+        else:
+            check.vanished += 1
     return check
 
 
@@ -866,19 +865,16 @@ def check_study(source: OrthancClient, target: OrthancClient, study: str,
     if records is None:
         return StudyCheck(study, gone=True)
     if records is not TOO_LARGE:
-        check = StudyCheck(study)
-        for record in records:
-            if record["ID"] in present:
-                check.present += 1
-            else:
-                check.missing.append(Instance(record["ID"], study, int(record["FileSize"])))
-        return check
+        return missing_instances(((record["ID"], int(record["FileSize"])) for record in records),
+                                 present, study)
     layout = study_layout(source, study)
     if layout is None:
         return StudyCheck(study, gone=True)
     wanted = {instance for instances in layout.values() for instance in instances
               if instance not in present}
-    return missing_instances(layout, present, series_sizes(source, layout, wanted), study)
+    sizes = series_sizes(source, layout, wanted)
+    return missing_instances(((instance, sizes.get(instance)) for instances in layout.values()
+                              for instance in instances), present, study)
 
 
 FIND_PAGE = 1000  # IDs a /tools/find page asks for, where the server can page its finds

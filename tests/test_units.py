@@ -63,8 +63,8 @@ def test_same_server() -> None:
 
 # ---- planning and batching ------------------------------------------------------------------
 def test_study_check_lists_only_what_the_target_lacks() -> None:
-    layout = {"s1": ["i1", "i3", "i4"], "s2": ["i2", "i5"]}
-    check = missing_instances(layout, {"i3", "other"}, {"i1": 10, "i2": 20, "i4": 40}, "A")
+    listed = [("i1", 10), ("i3", 30), ("i4", 40), ("i2", 20), ("i5", None)]
+    check = missing_instances(listed, {"i3", "other"}, "A")
     assert [(i.id, i.study, i.size) for i in check.missing] == \
         [("i1", "A", 10), ("i4", "A", 40), ("i2", "A", 20)]
     assert check.present == 1
@@ -73,7 +73,7 @@ def test_study_check_lists_only_what_the_target_lacks() -> None:
 
 
 def test_study_check_with_nothing_missing_is_empty() -> None:
-    check = missing_instances({"s": ["a", "b"]}, {"a", "b"}, {}, "A")
+    check = missing_instances([("a", 1), ("b", 2)], {"a", "b"}, "A")
     assert check.missing == [] and check.present == 2 and check.vanished == 0
 
 
