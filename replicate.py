@@ -1632,18 +1632,17 @@ class Progress:
         self._bar: Any = None
         self._logging: Optional[dict] = None
 
-    def start(self, total: Optional[int], title: str, unit: str = "", scale: Any = False
-              ) -> None:
-        """`total` None: not known (a selection); the bar then only counts."""
+    def start(self, total: Optional[int], title: str) -> None:
+        """A bar of instances; `total` None: not known (a selection), the bar only counts."""
         if not self.enabled:
             if self.log_every is not None:
                 now = time.monotonic()
-                self._logging = {"total": total, "title": title, "bytes": unit == "B",
-                                 "done": 0, "started": now, "logged": now}
+                self._logging = {"total": total, "title": title, "done": 0, "started": now,
+                                 "logged": now}
             return
         from alive_progress import alive_bar
-        self._context = alive_bar(total, title=title, unit=unit, scale=scale, file=sys.stderr,
-                                  enrich_print=False, receipt_text=True, dual_line=False)
+        self._context = alive_bar(total, title=title, file=sys.stderr, enrich_print=False,
+                                  receipt_text=True, dual_line=False)
         self._bar = self._context.__enter__()
 
     def advance(self, amount: int, text: Callable[[], str] = str) -> None:
@@ -1660,7 +1659,7 @@ class Progress:
             if now - state["logged"] >= self.log_every:
                 state["logged"] = now
                 log.info("%s %s", time.strftime("%H:%M:%S"), progress_line(
-                    state["title"], state["done"], state["total"], state["bytes"],
+                    state["title"], state["done"], state["total"], False,
                     now - state["started"], text()))
 
     def finish(self) -> None:
