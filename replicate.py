@@ -85,6 +85,19 @@ SERIES_LISTING_MAX = 4000
 # Studies checked ahead of the transfers, and instances waiting for a batch, at most.
 CHECKS_AHEAD = 8
 WAITING_MAX = 4 * BATCH_MAX_INSTANCES
+# Across a distant link, requests are kept in flight by Little's law: as many as complete
+# in one round trip, times PACE_MARGIN so that the number grows while the rate does (see
+# Pace). Without --threads, at most FAR_REQUESTS_MAX file downloads and CHECKS_MAX checks.
+PACE_MARGIN = 2.0
+PACE_WINDOW = 0.5  # seconds of completions a rate is measured over, at least
+FAR_REQUESTS_MAX = 32
+CHECKS_MAX = 16
+# A server whose quickest answer took longer than this is across a network: bundles from it
+# are then fetched as the archives it deflates, if a sample shows they shrink to at most
+# ARCHIVE_WORTH of the files (one bundle in ARCHIVE_SAMPLE_EVERY is sampled).
+REMOTE_LATENCY = 0.004
+ARCHIVE_WORTH = 0.8
+ARCHIVE_SAMPLE_EVERY = 10
 # Below this share of the source (1/20) the details of missing instances are asked one by one;
 # above it one paged listing is cheaper.
 DETAIL_ONE_BY_ONE_RATIO = 20
@@ -194,6 +207,7 @@ class Config:
     target: Endpoint
     save: Path
     threads: int = 4
+    pace: bool = True  # requests in flight follow the link (no --threads given)
     ignore_errors: bool = False
     policy: RetryPolicy = RetryPolicy()
     quiet: bool = False
@@ -288,6 +302,7 @@ class Outcome:
     verified: Optional[int] = None  # instances --verify compared, None without --verify
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
     metadata_written: int = 0
+    checks_max: int = 0  # study checks in flight at most
     metadata_problems: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -606,6 +621,9 @@ class OrthancClient:
         requests.auth.HTTPBasicAuth(endpoint.username, endpoint.password)(template)
         self.headers = template.headers
         self.find_caps: dict[str, Optional[int]] = {}  # level -> what its finds return at most
+        # The quickest answer seen, in seconds: the round trip to the server, plus the least
+        # it takes to answer anything. Pace reads it.
+        self.latency = float("inf")
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -654,8 +672,10 @@ class OrthancClient:
         request.prepare_body(data, None, json)
         timeout = (min(10.0, self.policy.timeout), read_timeout or self.policy.timeout)
         session = self.session()
+        started = time.perf_counter()
         response = session.get_adapter(request.url).send(
             request, stream=stream, timeout=timeout, verify=self.tls_verify, proxies={})
+        self.latency = min(self.latency, time.perf_counter() - started)
         if not stream:
             response.content  # noqa: B018 (reads the whole answer, as Session.send does)
         if response.status_code >= 300:
@@ -1437,6 +1457,85 @@ class RateLimiter:
             self.sleep(start - now)
 
 
+class Pace:
+    """How many requests to keep in flight to a server so that its round trip costs no time,
+    by Little's law: as many as complete during one round trip (the `latency`, the quickest
+    answer seen), times PACE_MARGIN, between `low` and `high`. While the link is not full,
+    the rate follows the number in flight, so the number grows by half at each look (the
+    margin) until the rate stops following: the link, or a server, is then the limit. Next
+    to the servers the round trip is a fraction of a millisecond and `low` holds.
+
+    A server that answers 429 or 503 halves the ceiling, which then grows back by one each
+    PACE_WINDOW without another."""
+
+    def __init__(self, low: int, high: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.low, self.high, self.clock = low, high, clock
+        self.ceiling = high
+        self.started: Optional[float] = None  # the first completion
+        self.calmed = clock()
+        self.done_at: deque[float] = deque()
+        self.lock = threading.Lock()
+
+    def done(self) -> None:
+        with self.lock:
+            now = self.clock()
+            self.done_at.append(now)
+            if self.started is None:
+                self.started = now
+
+    def back_off(self) -> None:
+        with self.lock:
+            self.ceiling = max(self.low, self.ceiling // 2)
+            self.calmed = self.clock()
+
+    def width(self, latency: float) -> int:
+        if self.low >= self.high:
+            return self.low
+        with self.lock:
+            now = self.clock()
+            window = max(PACE_WINDOW, 4 * latency)
+            while self.done_at and self.done_at[0] < now - window:
+                self.done_at.popleft()
+            if self.ceiling < self.high and now - self.calmed >= PACE_WINDOW:
+                self.ceiling += 1
+                self.calmed = now
+            if self.started is None:
+                return self.low
+            rate = len(self.done_at) / max(min(window, now - self.started), 0.05)
+            wanted = PACE_MARGIN * (1 + latency * rate)
+            return max(self.low, min(self.ceiling, int(wanted + 0.999)))
+
+
+class Gate:
+    """A semaphore whose count may change while it is held."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.held_max = 0
+        self.changed = threading.Condition()
+
+    def resize(self, limit: int) -> None:
+        with self.changed:
+            if limit != self.limit:
+                self.limit = limit
+                self.changed.notify_all()
+
+    def enter(self, stop: threading.Event) -> None:
+        with self.changed:
+            while self.held >= self.limit:
+                if stop.is_set():
+                    raise Interrupted()
+                self.changed.wait(0.5)
+            self.held += 1
+            self.held_max = max(self.held_max, self.held)
+
+    def leave(self) -> None:
+        with self.changed:
+            self.held -= 1
+            self.changed.notify()
+
+
 class UploadBody:
     """A request body read in blocks with a known length (so requests sends a Content-Length
     and never holds it whole), paced by the rate limiter, stopping promptly when asked to."""
@@ -1470,9 +1569,29 @@ class Copier:
     """Moves batches from source to target. Runs in worker threads and only returns results."""
 
     def __init__(self, source: OrthancClient, target: OrthancClient, policy: RetryPolicy,
-                 stop: threading.Event, limiter: Optional[RateLimiter] = None) -> None:
+                 stop: threading.Event, limiter: Optional[RateLimiter] = None,
+                 workers: int = Config.threads, far_max: int = FAR_REQUESTS_MAX) -> None:
         self.source, self.target, self.policy, self.stop = source, target, policy, stop
         self.limiter = limiter
+        # File downloads in flight: one a worker next to the source, up to `far_max` across
+        # a link, fetched by a shared pool for the workers' bundles.
+        self.workers = workers
+        self.download_pace = Pace(workers, max(workers, far_max))
+        self.fetchers = ThreadPoolExecutor(max(workers, far_max), thread_name_prefix="fetch")
+        # What the source's archives weigh against the files in them, last sampled; None
+        # before a sample. Bundles from a distant source travel as archives if they shrink.
+        self.archive_ratio: Optional[float] = None
+        self.archives = version_at_least(source.version, (1, 8, 2))
+        self.bundles = 0  # batches of the "bundle" mode sent, and those fetched as archives
+        self.bundles_archived = 0
+        self.sampling = False  # a first archive is being measured
+        self.downloads = 0  # file downloads in flight now, and at most (for the report)
+        self.downloads_max = 0
+        self.fetching = 0  # workers fetching the files of a bundle
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.fetchers.shutdown(wait=False, cancel_futures=True)
 
     def copy(self, batch: Batch) -> BatchResult:
         if batch.mode == "single":
@@ -1574,13 +1693,20 @@ class Copier:
         if batch.mode == "archive":
             archive = self.source.send("POST", "/tools/create-archive",
                                        json={"Resources": ids}).content
+        elif self.as_archive():
+            try:
+                archive = self.source.send("POST", "/tools/create-archive",
+                                           json={"Resources": ids}).content
+            finally:
+                self.sampling = False
+            ratio = len(archive) / max(1, batch.size)
+            log.debug("an archive of %d instances weighs %.2f of their files", len(ids), ratio)
+            with self.lock:
+                self.archive_ratio = ratio
+                self.bundles_archived += 1
         else:
-            files = []
-            for instance_id in ids:
-                if self.stop.is_set():
-                    raise Interrupted()
-                files.append((f"{instance_id}.dcm",
-                              self.source.fetch(f"/instances/{instance_id}/file")))
+            files = list(zip((f"{instance_id}.dcm" for instance_id in ids),
+                             self.fetch_files(ids)))
             archive = stored_zip(files)
             del files
         body: Any = archive
@@ -1591,6 +1717,78 @@ class Copier:
         records = answer if isinstance(answer, list) else [answer]
         return {record["ID"]: record.get("Status", "") for record in records
                 if isinstance(record, dict) and "ID" in record}
+
+
+    def as_archive(self) -> bool:
+        """Whether to fetch the next bundle as an archive the source builds and deflates: only
+        from a distant source (next to it, deflating costs more than it saves), as a sample
+        once in ARCHIVE_SAMPLE_EVERY bundles (the first one alone: the others fetch files
+        meanwhile), and always while the last sample showed archives shrink to
+        ARCHIVE_WORTH of the files or less. What is measured decides, not a guess: random
+        pixels do not shrink, many real images halve."""
+        with self.lock:
+            self.bundles += 1
+            if not self.archives or self.source.latency < REMOTE_LATENCY:
+                return False
+            if self.archive_ratio is None:
+                if self.sampling:
+                    return False
+                self.sampling = True
+                return True
+            return (self.bundles % ARCHIVE_SAMPLE_EVERY == 0
+                    or self.archive_ratio <= ARCHIVE_WORTH)
+
+    def fetch_files(self, ids: list[str]) -> list[bytes]:
+        """The files of a bundle, in order. Next to the source the worker fetches them itself,
+        one after the other; across a link several at once on the shared pool, as many as
+        the pace of downloads says (looked at again after each file), shared among the
+        workers fetching at that moment (the others are sending)."""
+        found: list[Optional[bytes]] = [None] * len(ids)
+        running: dict[Future, int] = {}
+        position = 0
+        with self.lock:
+            self.fetching += 1
+        try:
+            while position < len(ids) or running:
+                if self.stop.is_set():
+                    raise Interrupted()
+                width = 1
+                if self.source.latency >= REMOTE_LATENCY and self.download_pace.high > \
+                        self.workers:
+                    wanted = self.download_pace.width(self.source.latency)
+                    width = -(-wanted // max(1, self.fetching))
+                if width <= 1 and not running:
+                    found[position] = self.fetch_file(ids[position])
+                    position += 1
+                    continue
+                while position < len(ids) and len(running) < width:
+                    running[self.fetchers.submit(self.fetch_file, ids[position])] = position
+                    position += 1
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    found[running.pop(future)] = future.result()
+        finally:
+            with self.lock:
+                self.fetching -= 1
+            for future in running:
+                future.cancel()
+        return found  # type: ignore[return-value]
+
+    def fetch_file(self, instance_id: str) -> bytes:
+        with self.lock:
+            self.downloads += 1
+            self.downloads_max = max(self.downloads_max, self.downloads)
+        try:
+            content = self.source.fetch(f"/instances/{instance_id}/file")
+        except HttpStatusError as error:
+            if error.status in (429, 503):
+                self.download_pace.back_off()
+            raise
+        finally:
+            with self.lock:
+                self.downloads -= 1
+        self.download_pace.done()
+        return content
 
 
 def stored_zip(files: list[tuple[str, bytes]]) -> bytes:
@@ -1726,6 +1924,10 @@ class Walk:
                                version_at_least(copier.source.version, (1, 8, 2)))
         self.ready: deque[Batch] = deque()
         self.ready_count = 0
+        # Checks in flight: two next to the servers, more across a link (see Pace).
+        low = max(2, config.threads // 2)
+        self.check_pace = Pace(low, CHECKS_MAX if config.pace else low)
+        self.check_gate = Gate(low)
         self.checks: dict[Future, str] = {}
         self.transfers: dict[Future, Batch] = {}
         # studies with instances still travelling -> [instances left, instances it holds,
@@ -1738,20 +1940,24 @@ class Walk:
         config, outcome = self.config, self.outcome
         pending = iter(studies)
         more = True
-        checkers = ThreadPoolExecutor(max(2, config.threads // 2), thread_name_prefix="check")
+        checkers = ThreadPoolExecutor(self.check_pace.high, thread_name_prefix="check")
         senders = ThreadPoolExecutor(config.threads, thread_name_prefix="copy")
         try:
             while True:
                 stopping = self.stopping()
-                while (more and not stopping and len(self.checks) < CHECKS_AHEAD
+                latency = max(self.copier.source.latency, self.copier.target.latency)
+                width = self.check_pace.width(latency)
+                if latency >= REMOTE_LATENCY:  # listings are light: look further ahead at once
+                    width = max(width, min(CHECKS_AHEAD, self.check_pace.high))
+                self.check_gate.resize(width)
+                while (more and not stopping
+                       and len(self.checks) < max(CHECKS_AHEAD, 2 * self.check_gate.limit)
                        and self.ready_count + self.batcher.waiting < WAITING_MAX):
                     study = next(pending, None)
                     if study is None:
                         more = False
                         break
-                    self.checks[checkers.submit(check_study, self.copier.source,
-                                                self.copier.target, study,
-                                                on_target(study))] = study
+                    self.checks[checkers.submit(self.check, study, on_target(study))] = study
                 # A batch not yet full goes when the workers would otherwise idle, or at the end.
                 if not self.ready and (len(self.transfers) < max(1, config.threads // 2)
                                        or (not more and not self.checks)):
@@ -1788,8 +1994,18 @@ class Walk:
             for future in [future for future in self.transfers if future.done()]:
                 self.collect(future, self.transfers.pop(future))
         finally:
+            outcome.checks_max = max(outcome.checks_max, self.check_gate.held_max)
             checkers.shutdown(wait=False, cancel_futures=True)
             senders.shutdown(wait=False, cancel_futures=True)
+
+    def check(self, study: str, on_target: bool) -> StudyCheck:
+        """check_study in a checker thread, as many at once as the gate lets through."""
+        self.check_gate.enter(self.stop)
+        try:
+            return check_study(self.copier.source, self.copier.target, study, on_target)
+        finally:
+            self.check_gate.leave()
+            self.check_pace.done()
 
     def stopping(self) -> bool:
         outcome = self.outcome
@@ -1938,8 +2154,11 @@ def _setup_argparser() -> ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--save", default="studies.list", metavar="FILE",
                      help="save file that records progress (default: studies.list)")
-    run.add_argument("--threads", type=whole_number(1), default=Config.threads, metavar="N",
-                     help=f"parallel transfers (default: {Config.threads})")
+    run.add_argument("--threads", type=whole_number(1), default=None, metavar="N",
+                     help=f"parallel transfers (default: {Config.threads}); given, also the "
+                          "most file downloads in flight; without it, up to "
+                          f"{FAR_REQUESTS_MAX} downloads and {CHECKS_MAX} study checks are kept "
+                          "in flight as a distant link needs")
     run.add_argument("--ignore-errors", action="store_true",
                      help="go on after a failed instance and list failures at the end "
                           "(default: stop at the first); a target that cannot write files "
@@ -2035,7 +2254,8 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
     if report is not None and not os.access(report.parent if str(report.parent) else ".",
                                             os.W_OK):
         raise UsageError(f"--report {report}: cannot write in that folder")
-    return Config(source=source, target=target, save=Path(args.save), threads=args.threads,
+    return Config(source=source, target=target, save=Path(args.save),
+                  threads=args.threads or Config.threads, pace=args.threads is None,
                   dry_run=args.dry_run, query=parse_query(args.query), studies=args.study,
                   bwlimit=parse_rate(args.bwlimit) if args.bwlimit else None,
                   metadata=not args.no_metadata, report=report, follow=args.follow,
@@ -2137,7 +2357,8 @@ class Run:
         self.journal = journal = Journal(config.save, config.source.url,
                                          config.target.url).open(read_only=config.dry_run)
         limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
-        self.copier = Copier(source, target, config.policy, self.stop, limiter)
+        self.copier = Copier(source, target, config.policy, self.stop, limiter, config.threads,
+                             FAR_REQUESTS_MAX if config.pace else config.threads)
         background = ThreadPoolExecutor(1, thread_name_prefix="changes")
         try:
             self.say(f"Source:        {config.source.url} (Orthanc {source.version})")
@@ -2202,6 +2423,7 @@ class Run:
         finally:
             background.shutdown(wait=False, cancel_futures=True)
             journal.close()
+            self.copier.close()
             source.close()
             target.close()
 
@@ -2244,6 +2466,21 @@ class Run:
         # From an older position, the log is read while the instances travel: on a first
         # run it is several records per instance, all to be read before metadata is synced.
         return background.submit(read_changes, source, since, metadata, position)
+
+    def link_report(self) -> Optional[dict]:
+        """What the run measured of the way to each server and chose from it."""
+        copier = getattr(self, "copier", None)
+        if copier is None:
+            return None
+        def milliseconds(seconds: float) -> Optional[float]:
+            return round(seconds * 1000, 2) if seconds != float("inf") else None
+        return {"source_latency_ms": milliseconds(copier.source.latency),
+                "target_latency_ms": milliseconds(copier.target.latency),
+                "downloads_in_flight_max": copier.downloads_max,
+                "checks_in_flight_max": self.outcome.checks_max,
+                "archive_ratio": (round(copier.archive_ratio, 3)
+                                  if copier.archive_ratio is not None else None),
+                "bundles": copier.bundles, "bundles_as_archives": copier.bundles_archived}
 
     def verify(self, studies: list[str], statistics: Optional[dict]) -> None:
         """--verify: the stored MD5 of every instance of every study, on both servers."""
@@ -2406,6 +2643,7 @@ def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int
                      "problems": [{"id": resource, "reason": reason}
                                   for resource, reason in outcome.metadata_problems]},
         "verified": outcome.verified,
+        "link": run.link_report(),
         "verify_problems": [{"id": instance, "reason": reason}
                             for instance, reason in outcome.verify_problems],
         "options": {

@@ -44,7 +44,11 @@ from orthanc import PASSWORD, USER, OrthancServer  # noqa: E402
 
 SCRIPT = str(HERE.parent / "replicate.py")
 
-# corpus -> list of (studies, series, instances, rows, columns, frames)
+# corpus -> list of (studies, series, instances, rows, columns, frames[, modality, pixels])
+# "varied" is the WAN part's own: CT of 512x512, MR of 256x256, radiographs of 2048x2048 and
+# tiny instances, about 1 GB, with pixels that deflate to about half as real images do.
+VARIED_FULL = [(6, 2, 120, 512, 512, 1, "CT", "smooth"), (4, 4, 60, 256, 256, 1, "MR", "smooth"),
+               (12, 1, 2, 2048, 2048, 1, "CR", "smooth"), (100, 1, 20, 8, 8, 1, "OT", "random")]
 CORPORA = {
     "full": {
         "mixed": [(40, 3, 25, 256, 256, 1), (2, 1, 1, 2048, 1024, 15)],
@@ -53,6 +57,7 @@ CORPORA = {
         "scale20k": [(500, 2, 20, 8, 8, 1)],
         "scale": [(5000, 2, 20, 8, 8, 1)],
         "onestudy": [(1, 10, 5000, 8, 8, 1)],
+        "varied": VARIED_FULL,
     },
     "smoke": {
         "mixed": [(2, 2, 4, 256, 256, 1), (1, 1, 1, 512, 512, 6)],
@@ -61,6 +66,7 @@ CORPORA = {
         "scale20k": [(5, 2, 4, 8, 8, 1)],
         "scale": [(10, 2, 4, 8, 8, 1)],
         "onestudy": [(1, 3, 30, 8, 8, 1)],
+        "varied": [(1, 1, 6, 512, 512, 1, "CT", "smooth"), (2, 1, 5, 8, 8, 1, "OT", "random")],
     },
 }
 SCALE_CORPORA = {"scale20k", "scale", "onestudy"}  # measured for memory and start-up only
@@ -129,10 +135,11 @@ def generate(kind: str, scale: str, cache: Path) -> list[Path]:
     marker = folder / "complete"
     if not marker.exists():
         shutil.rmtree(folder, ignore_errors=True)
-        for number, (studies, series, instances, rows, columns, frames) in \
+        for number, (studies, series, instances, rows, columns, frames, *style) in \
                 enumerate(CORPORA[scale][kind]):
             write_corpus(folder, studies, series, instances, rows, columns, frames,
-                         prefix=f"{kind[0].upper()}{number}")
+                         prefix=f"{kind[0].upper()}{number}", modality=(style or ["CT"])[0],
+                         pixels=style[1] if style else "random")
         marker.write_text("")
     return sorted(folder.glob("*.dcm"))
 

@@ -308,6 +308,77 @@ def test_rate_limiter_is_shared_and_forgets_long_idleness() -> None:
     assert clock.sleeps[-1] == pytest.approx(0.95)
 
 
+def completions(pace: replicate.Pace, clock: FakeClock, count: int, seconds: float) -> None:
+    for _ in range(count):
+        clock.now += seconds / count
+        pace.done()
+
+
+def test_pace_keeps_a_round_trip_of_completions_in_flight_with_a_margin() -> None:
+    clock = FakeClock()
+    pace = replicate.Pace(4, 32, clock=clock)
+    assert pace.width(0.08) == 4  # nothing done yet: the floor
+    pace.done()
+    clock.now += 10  # from now on rates are measured over whole windows
+    completions(pace, clock, 50, 0.5)  # 100 a second
+    # 100/s x 80 ms = 8 in a round trip; (1 + 8) x 2 = 18
+    assert pace.width(0.08) == int(replicate.PACE_MARGIN * 9 + 0.999)
+    completions(pace, clock, 500, 0.5)  # 1,000 a second: more than the ceiling allows
+    assert pace.width(0.08) == 32
+    # Next to the server a round trip is a fraction of a millisecond: the floor holds.
+    assert pace.width(0.0003) == 4
+    clock.now += 10  # nothing done for a while: the rate, and the width, fall back
+    assert pace.width(0.08) == 4
+
+
+def test_pace_halves_its_ceiling_when_a_server_is_overloaded_and_recovers() -> None:
+    clock = FakeClock()
+    pace = replicate.Pace(4, 32, clock=clock)
+    completions(pace, clock, 500, 0.5)
+    pace.back_off()
+    assert pace.width(0.08) == 16
+    pace.back_off()
+    pace.back_off()
+    pace.back_off()
+    assert pace.width(0.08) == 4  # never below the floor
+    for _ in range(3):
+        clock.now += replicate.PACE_WINDOW
+        pace.done()
+        pace.width(0.08)
+    assert pace.ceiling == 4 + 3  # one more each calm window
+
+
+def test_pace_with_equal_bounds_is_fixed() -> None:
+    clock = FakeClock()
+    pace = replicate.Pace(3, 3, clock=clock)
+    completions(pace, clock, 500, 0.5)
+    assert pace.width(0.2) == 3
+
+
+def test_gate_lets_through_its_limit_which_may_change() -> None:
+    gate = replicate.Gate(2)
+    stop = threading.Event()
+    gate.enter(stop)
+    gate.enter(stop)
+    entered = threading.Event()
+
+    def third() -> None:
+        gate.enter(stop)
+        entered.set()
+    worker = threading.Thread(target=third)
+    worker.start()
+    assert not entered.wait(0.2)
+    gate.resize(3)  # a wider gate lets the waiting one in
+    assert entered.wait(5)
+    worker.join()
+    assert gate.held == gate.held_max == 3
+    gate.leave()
+    gate.resize(1)
+    stop.set()  # full, and asked to stop: the next one gives up
+    with pytest.raises(replicate.Interrupted):
+        gate.enter(stop)
+
+
 def test_upload_body_reads_in_blocks_through_the_limiter() -> None:
     import io
     clock = FakeClock()

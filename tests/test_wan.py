@@ -1,0 +1,126 @@
+"""Across a distant link (tests/linkproxy.py between the tool and one server): the tool finds
+the link's round trip, keeps more downloads and checks in flight than it has workers, and
+fetches bundles as the source's archives only where those were measured to shrink. The
+speed itself is the benchmark's `wan` part, not asserted here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dicomgen import write_corpus
+from linkproxy import LinkProxy
+from orthanc import PASSWORD, USER, OrthancServer
+from test_replicate import run
+
+RTT = 0.06  # seconds
+RATE = 50e6  # bytes a second each way
+
+
+@pytest.fixture(scope="module")
+def middle_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """240 instances of about 51 KB in 4 studies (ZIPs the tool builds: above the size the
+    source's archives take by default), with random pixels or with pixels that deflate to
+    about half."""
+    folder = tmp_path_factory.mktemp("middle")
+    return {pixels: write_corpus(folder / pixels, 4, 2, 30, rows=160, columns=160,
+                                 prefix=pixels[0].upper(), pixels=pixels)
+            for pixels in ("random", "smooth")}
+
+
+def copy_across(capsys: pytest.CaptureFixture, source_url: str, target_url: str,
+                tmp_path: Path, *extra: str) -> dict:
+    report = tmp_path / "report.json"
+    code, out, err = run(capsys, [source_url, target_url, "--username", USER, "--password",
+                                  PASSWORD, "--save", str(tmp_path / "save"), "--report",
+                                  str(report), "--verify", "-q", *extra])
+    assert code == 0, err
+    return json.loads(report.read_text())
+
+
+def source_with(make_server, files: list[Path]) -> OrthancServer:
+    server = make_server("SOURCE")
+    server.upload(files)
+    return server
+
+
+def test_a_distant_source_gets_more_downloads_and_checks_in_flight(
+        make_server, middle_corpus, target, tmp_path, capsys) -> None:
+    source = source_with(make_server, middle_corpus["random"])
+    proxy = LinkProxy(source.port, RTT, RATE)
+    try:
+        report = copy_across(capsys, proxy.url, target.url, tmp_path)
+    finally:
+        proxy.close()
+    assert target.instances() == source.instances()
+    assert report["verified"] == 240 and report["verify_problems"] == []
+    link = report["link"]
+    assert link["source_latency_ms"] >= RTT * 1000
+    assert link["target_latency_ms"] < RTT * 1000
+    # 4 workers: more than 4 files at once means the pace grew with the round trip.
+    assert link["downloads_in_flight_max"] > 4
+    # Random pixels do not shrink: archives only as samples, and the last one said so.
+    assert link["archive_ratio"] > replicate_archive_worth()
+    assert link["bundles"] >= 3
+    assert link["bundles_as_archives"] <= 1 + link["bundles"] // 10
+
+
+def test_threads_given_caps_what_is_in_flight(make_server, middle_corpus, target, tmp_path,
+                                              capsys) -> None:
+    source = source_with(make_server, middle_corpus["random"])
+    proxy = LinkProxy(source.port, RTT, RATE)
+    try:
+        report = copy_across(capsys, proxy.url, target.url, tmp_path, "--threads", "3")
+    finally:
+        proxy.close()
+    assert target.instances() == source.instances()
+    assert report["link"]["downloads_in_flight_max"] <= 3
+    assert report["link"]["checks_in_flight_max"] <= 2
+
+
+def test_bundles_from_a_distant_source_travel_as_archives_when_they_shrink(
+        make_server, middle_corpus, target, tmp_path, capsys) -> None:
+    source = source_with(make_server, middle_corpus["smooth"])
+    proxy = LinkProxy(source.port, RTT, RATE)
+    try:
+        report = copy_across(capsys, proxy.url, target.url, tmp_path)
+    finally:
+        proxy.close()
+    assert target.instances() == source.instances()
+    assert report["verified"] == 240 and report["verify_problems"] == []
+    link = report["link"]
+    assert link["archive_ratio"] <= replicate_archive_worth()
+    # 240 files of 51 KB make 3 or more bundles of at most 4 MB: all but those that began
+    # while the first sample was being measured are archives.
+    assert link["bundles"] >= 3
+    assert link["bundles_as_archives"] >= link["bundles"] - 3
+
+
+def test_next_to_the_source_nothing_is_deflated_and_one_download_a_worker(
+        make_server, middle_corpus, target, tmp_path, capsys) -> None:
+    source = source_with(make_server, middle_corpus["smooth"])
+    report = copy_across(capsys, source.url, target.url, tmp_path)
+    assert target.instances() == source.instances()
+    assert report["link"]["bundles_as_archives"] == 0
+    assert report["link"]["downloads_in_flight_max"] <= 4
+
+
+def test_a_distant_target(make_server, middle_corpus, tmp_path, capsys) -> None:
+    source = source_with(make_server, middle_corpus["random"])
+    target = make_server("TARGET")
+    proxy = LinkProxy(target.port, RTT, RATE)
+    try:
+        report = copy_across(capsys, source.url, proxy.url, tmp_path)
+    finally:
+        proxy.close()
+    assert target.instances() == source.instances()
+    assert report["verified"] == 240 and report["verify_problems"] == []
+    assert report["link"]["target_latency_ms"] >= RTT * 1000
+    assert report["link"]["bundles_as_archives"] == 0
+
+
+def replicate_archive_worth() -> float:
+    import replicate
+    return replicate.ARCHIVE_WORTH
