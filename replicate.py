@@ -1690,34 +1690,39 @@ class Copier:
     def upload_zip(self, batch: Batch) -> dict[str, str]:
         """Send a batch as one ZIP; return instance ID -> Status from the target's answer."""
         ids = [instance.id for instance in batch.instances]
+        body: Any
         if batch.mode == "archive":
-            archive = self.source.send("POST", "/tools/create-archive",
-                                       json={"Resources": ids}).content
+            body = self.source.send("POST", "/tools/create-archive",
+                                    json={"Resources": ids}).content
         elif self.as_archive():
-            try:
-                archive = self.source.send("POST", "/tools/create-archive",
-                                           json={"Resources": ids}).content
-            finally:
-                self.sampling = False
-            ratio = len(archive) / max(1, batch.size)
-            log.debug("an archive of %d instances weighs %.2f of their files", len(ids), ratio)
-            with self.lock:
-                self.archive_ratio = ratio
-                self.bundles_archived += 1
+            body = self.sample_archive(batch, ids)
         else:
-            files = list(zip((f"{instance_id}.dcm" for instance_id in ids),
-                             self.fetch_files(ids)))
-            archive = stored_zip(files)
-            del files
-        body: Any = archive
-        if self.limiter is not None:
-            body = UploadBody(io.BytesIO(archive).read, len(archive), self.stop, self.limiter)
+            # The ZIP goes in pieces, so that its files are held once, not twice.
+            parts = zip_parts(list(zip((f"{instance_id}.dcm" for instance_id in ids),
+                                       self.fetch_files(ids))))
+            body = UploadBody(parts_reader(parts), sum(map(len, parts)), self.stop,
+                              self.limiter)
+        if isinstance(body, bytes) and self.limiter is not None:
+            body = UploadBody(io.BytesIO(body).read, len(body), self.stop, self.limiter)
         answer = self.target.send("POST", "/instances", data=body,
                                   headers={"Content-Type": "application/zip"}).json()
         records = answer if isinstance(answer, list) else [answer]
         return {record["ID"]: record.get("Status", "") for record in records
                 if isinstance(record, dict) and "ID" in record}
 
+    def sample_archive(self, batch: Batch, ids: list[str]) -> bytes:
+        """A bundle fetched as the source's archive, and what it weighed against its files."""
+        try:
+            archive = self.source.send("POST", "/tools/create-archive",
+                                       json={"Resources": ids}).content
+        finally:
+            self.sampling = False
+        ratio = len(archive) / max(1, batch.size)
+        log.debug("an archive of %d instances weighs %.2f of their files", len(ids), ratio)
+        with self.lock:
+            self.archive_ratio = ratio
+            self.bundles_archived += 1
+        return archive
 
     def as_archive(self) -> bool:
         """Whether to fetch the next bundle as an archive the source builds and deflates: only
@@ -1792,10 +1797,16 @@ class Copier:
 
 
 def stored_zip(files: list[tuple[str, bytes]]) -> bytes:
-    """A ZIP archive of `files` (name, content), stored without compression: the DICOM files
-    are copied once into it and checksummed, where zipfile copies them twice more and spends
-    a tenth of this tool's CPU on middle-sized instances doing so. No ZIP64: a bundle holds
-    at most BATCH_MAX_INSTANCES files and BATCH_MAX_BYTES bytes, far below its limits."""
+    """A ZIP archive of `files` (name, content), stored without compression."""
+    return b"".join(zip_parts(files))
+
+
+def zip_parts(files: list[tuple[str, bytes]]) -> list[bytes]:
+    """The pieces of a ZIP archive of `files` (name, content), stored without compression,
+    to be sent one after the other: the DICOM files are only checksummed, never copied,
+    where zipfile copies them twice and spent a tenth of this tool's CPU on middle-sized
+    instances doing so. No ZIP64: a bundle holds at most BATCH_MAX_INSTANCES files and
+    BATCH_MAX_BYTES bytes, far below its limits."""
     parts: list[bytes] = []
     directory: list[bytes] = []
     offset = 0
@@ -1812,7 +1823,26 @@ def stored_zip(files: list[tuple[str, bytes]]) -> bytes:
     central = b"".join(directory)
     end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(directory), len(directory),
                       len(central), offset, 0)
-    return b"".join(parts + [central, end])
+    return parts + [central, end]
+
+
+def parts_reader(parts: list[bytes]) -> Callable[[int], bytes]:
+    """read(size) over pieces sent one after the other, without joining them."""
+    left = deque(memoryview(part) for part in parts)
+
+    def read(size: int) -> bytes:
+        blocks = []
+        wanted = size
+        while left and wanted > 0:
+            block = left[0][:wanted]
+            blocks.append(block)
+            wanted -= len(block)
+            if len(block) == len(left[0]):
+                left.popleft()
+            else:
+                left[0] = left[0][len(block):]
+        return b"".join(blocks)
+    return read
 
 
 ZIP_DATE = (1 << 5) | 1  # 1980-01-01, the first day a ZIP can say
@@ -1928,6 +1958,11 @@ class Walk:
         low = max(2, config.threads // 2)
         self.check_pace = Pace(low, CHECKS_MAX if config.pace else low)
         self.check_gate = Gate(low)
+        # Transfers at once: --threads, twice that to a distant target (while some workers
+        # wait for the target's answer across the link, others send). The round trip is
+        # known from the first requests, before the walk.
+        far = config.pace and copier.target.latency >= REMOTE_LATENCY
+        self.senders = config.threads * (2 if far else 1)
         self.checks: dict[Future, str] = {}
         self.transfers: dict[Future, Batch] = {}
         # studies with instances still travelling -> [instances left, instances it holds,
@@ -1941,7 +1976,7 @@ class Walk:
         pending = iter(studies)
         more = True
         checkers = ThreadPoolExecutor(self.check_pace.high, thread_name_prefix="check")
-        senders = ThreadPoolExecutor(config.threads, thread_name_prefix="copy")
+        senders = ThreadPoolExecutor(self.senders, thread_name_prefix="copy")
         try:
             while True:
                 stopping = self.stopping()
@@ -1963,7 +1998,7 @@ class Walk:
                                        or (not more and not self.checks)):
                     for batch in self.batcher.flush():
                         self.queue(batch)
-                while self.ready and not stopping and len(self.transfers) < config.threads * 2:
+                while self.ready and not stopping and len(self.transfers) < self.senders * 2:
                     batch = self.ready.popleft()
                     self.ready_count -= len(batch.instances)
                     self.transfers[senders.submit(self.copier.copy, batch)] = batch

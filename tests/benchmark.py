@@ -11,7 +11,13 @@ The `scale` corpora (20,000 and 200,000 tiny instances in studies of 40, and one
 archive: peak RSS of a full copy and of a re-run with nothing to copy, the time until the
 first instance lands, and the requests each server receives during that re-run.
 
-usage: python tests/benchmark.py [--corpora mixed,tiny,big,scale20k,scale,onestudy]
+The `wan` part copies across tests/linkproxy.py (a round trip and a 25 MB/s rate between the
+tool and one server): mixed with the source 20 ms away and with the target 80 ms away, a varied
+corpus of about 1 GB whose pixels deflate to half with the source 80 ms away, and tiny with the
+source 80 ms away, timed without the link too. Each against the link's floor (bytes / rate),
+with Orthanc's push across the same link for reference (cut after two minutes and projected).
+
+usage: python tests/benchmark.py [--corpora mixed,tiny,big,scale20k,scale,onestudy,wan]
                                  [--repeat 2] [--scale full|smoke]
 """
 
@@ -81,6 +87,7 @@ class Timing:
     source_cpu: float = 0.0
     target_cpu: float = 0.0
     client_cpu: float = 0.0
+    share: float = 1.0  # of the instances copied when timing stopped (a push cut short)
 
 
 @dataclass
@@ -163,9 +170,14 @@ def load(server: OrthancServer, files: list[Path]) -> None:
     server.upload(large)
 
 
-def push(source: OrthancServer, target: OrthancServer, per_study: bool) -> Timing:
+def push(source: OrthancServer, target: OrthancServer, per_study: bool,
+         peer_url: Optional[str] = None, limit: Optional[float] = None) -> Timing:
+    """Orthanc's own push of everything to `target` (through `peer_url` if given). Past
+    `limit` seconds the jobs are cancelled and the timing is a projection from the share
+    of instances that landed (Timing.share below 1)."""
     source.session.put(f"{source.url}/peers/bench", json={
-        "Url": target.url, "Username": USER, "Password": PASSWORD}, timeout=60).raise_for_status()
+        "Url": peer_url or target.url, "Username": USER, "Password": PASSWORD},
+        timeout=60).raise_for_status()
     studies = source.get("/studies")
     groups = [[study] for study in studies] if per_study else [studies]
     clock = ServerClock(source, target)
@@ -177,6 +189,14 @@ def push(source: OrthancServer, target: OrthancServer, per_study: bool) -> Timin
         jobs.append(answer.json()["ID"])
     for job in jobs:
         while True:
+            if limit is not None and time.monotonic() - clock.started > limit:
+                for running in jobs:
+                    source.session.post(f"{source.url}/jobs/{running}/cancel", timeout=60)
+                timing = clock.stop()
+                share = target.get("/statistics")["CountInstances"] / max(
+                    1, source.get("/statistics")["CountInstances"])
+                timing.share = share
+                return timing
             # The server keeps only its last JobsHistorySize (default 10) finished jobs: a job
             # no longer listed has finished, and check_copy tells whether the copy is whole.
             answer = source.session.get(f"{source.url}/jobs/{job}", timeout=60)
@@ -234,7 +254,8 @@ def floor(source: OrthancServer, target: OrthancServer) -> Timing:
 
 
 def ours(source: OrthancServer, target: OrthancServer, save: Path,
-         watch_first: bool = False) -> tuple[Timing, int, str, Optional[float]]:
+         watch_first: bool = False, urls: Optional[tuple[str, str]] = None
+         ) -> tuple[Timing, int, str, Optional[float]]:
     """Run replicate.py with default options; (timing, peak RSS in KB, stdout, seconds until
     the first instance landed on the target if `watch_first`).
 
@@ -243,7 +264,8 @@ def ours(source: OrthancServer, target: OrthancServer, save: Path,
     Its CPU is read at the same polls (the last 20 ms may be missed)."""
     clock = ServerClock(source, target)
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, SCRIPT, source.url, target.url, "--save",
+    source_url, target_url = urls or (source.url, target.url)
+    process = subprocess.Popen([sys.executable, SCRIPT, source_url, target_url, "--save",
                                 str(save), "-q", "--username", USER, "--password", PASSWORD],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first: Optional[float] = None
@@ -407,6 +429,83 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
     return lines
 
 
+# ---- across a distant link ------------------------------------------------------------------
+WAN_RATE = 25e6  # bytes a second each way
+# (corpus, the server behind the link, round trip in seconds)
+WAN_CASES = [("mixed", "source", 0.020), ("mixed", "target", 0.080),
+             ("varied", "source", 0.080), ("tiny", "source", 0.080)]
+WAN_PUSH_LIMIT = 120.0  # seconds of Orthanc's push across the link before it is projected
+
+
+def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT) -> list[str]:
+    """Each case of WAN_CASES with default options, one server behind tests/linkproxy.py:
+    replicate.py's time against the link's floor (the bytes over the rate), and Orthanc's
+    push across the same link for reference. Tiny is also timed without the link, in the
+    same run: there the link is not what limits, and the goal is to lose nothing to it."""
+    from linkproxy import LinkProxy
+    deep = scale == "smoke"
+    lines = ["| corpus | behind the link | round trip | size | link floor | replicate.py | "
+             "/ floor | peak RSS | replicate.py CPU | Orthanc's push |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    notes = []
+    loaded: dict[str, OrthancServer] = {}
+    try:
+        for corpus, side, rtt in WAN_CASES:
+            if corpus not in loaded:
+                for server in loaded.values():
+                    discard(server)
+                loaded.clear()
+                source = OrthancServer(work / f"wan-source-{corpus}", "SOURCE").start()
+                loaded[corpus] = source
+                load(source, generate(corpus, scale, cache))
+            source = loaded[corpus]
+            size = int(source.get("/statistics")["TotalUncompressedSize"])
+            link_floor = size / WAN_RATE
+
+            target = fresh_target(work, "wan-ours")
+            proxy = LinkProxy((source if side == "source" else target).port, rtt, WAN_RATE)
+            urls = ((proxy.url, target.url) if side == "source" else (source.url, proxy.url))
+            settle()
+            timing, rss, _, _ = ours(source, target, target.folder / "save", urls=urls)
+            proxy.close()
+            check_copy(source, target, deep)
+            discard(target)
+            if corpus == "tiny":
+                target = fresh_target(work, "wan-local")
+                settle()
+                local, _, _, _ = ours(source, target, target.folder / "save")
+                check_copy(source, target, deep)
+                discard(target)
+                notes.append(f"{corpus}, source {rtt * 1000:.0f} ms away: {timing.seconds:.2f} "
+                             f"s; without the link, same run: {local.seconds:.2f} s -> "
+                             f"{timing.seconds / local.seconds:.2f}")
+            # The push goes from the source to the target: the link sits in front of the
+            # target whichever side the case puts it on, and carries the same bytes.
+            target = fresh_target(work, "wan-push")
+            proxy = LinkProxy(target.port, rtt, WAN_RATE)
+            settle()
+            pushed = push(source, target, corpus in PUSH_PER_STUDY, peer_url=proxy.url,
+                          limit=push_limit)
+            proxy.close()
+            if pushed.share >= 1:
+                check_copy(source, target, deep)
+                push_text = f"{pushed.seconds:.1f} s ({pushed.seconds / link_floor:.2f}x)"
+            else:
+                projected = pushed.seconds / max(pushed.share, 1e-6)
+                push_text = (f"cut at {pushed.seconds:.0f} s, {pushed.share:.0%} done: about "
+                             f"{projected:.0f} s ({projected / link_floor:.1f}x)")
+            discard(target)
+            lines.append(f"| {corpus} | {side} | {rtt * 1000:.0f} ms | "
+                         f"{replicate.format_bytes(size)} | {link_floor:.2f} s | "
+                         f"{timing.seconds:.2f} s | {timing.seconds / link_floor:.2f} | "
+                         f"{rss / 1024:.0f} MB | {timing.client_cpu:.1f} s | {push_text} |")
+    finally:
+        for server in loaded.values():
+            discard(server)
+    return [f"across a link of {WAN_RATE / 1e6:.0f} MB/s each way (tests/linkproxy.py), "
+            "default options:", ""] + lines + [""] + notes
+
+
 RERUN_CORPORA = {"tiny", "scale20k", "scale", "onestudy"}
 COUNT_LUA = ('function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n'
              '  print("REQUEST-SEEN " .. method .. " " .. uri)\n'
@@ -439,8 +538,9 @@ def rerun_nothing(source: OrthancServer, target: OrthancServer, save: Path,
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="replicate.py against Orthanc's push")
-    parser.add_argument("--corpora", default="mixed,tiny,big,scale20k,scale,onestudy",
-                        help="comma-separated (default: all six)")
+    parser.add_argument("--corpora", default="mixed,tiny,big,scale20k,scale,onestudy,wan",
+                        help="comma-separated; wan is the cases across a distant link "
+                             "(default: all)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each (default: 2)")
     parser.add_argument("--scale", choices=("full", "smoke"), default="full",
                         help="full corpora or seconds-long ones (default: full)")
@@ -450,8 +550,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="replicate-bench-run-"))
     try:
-        for line in run(args.corpora.split(","), args.repeat, args.scale, work,
-                        Path(args.cache)):
+        corpora = args.corpora.split(",")
+        local = [corpus for corpus in corpora if corpus != "wan"]
+        lines = run(local, args.repeat, args.scale, work, Path(args.cache)) if local else []
+        if "wan" in corpora:
+            lines += [""] + wan(args.scale, work, Path(args.cache))
+        for line in lines:
             print(line, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

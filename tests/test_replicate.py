@@ -441,3 +441,15 @@ def test_benchmark_smoke(tmp_path) -> None:
     for line in reruns:
         asked = re.search(r"(\d+) requests to the source, (\d+) to the target", line)
         assert asked and 0 < int(asked.group(1)) <= 10 and 0 < int(asked.group(2)) <= 10, line
+
+
+def test_benchmark_wan_smoke(tmp_path) -> None:
+    """The benchmark's part across a distant link, at seconds scale: every case copies (each
+    copy is checked by MD5) and is printed with its floor and the push's time."""
+    import benchmark
+    lines = benchmark.wan("smoke", tmp_path / "work", tmp_path / "cache", push_limit=30)
+    rows = [line.split("|")[1:3] for line in lines if line.startswith("| ")][2:]
+    assert [(corpus.strip(), side.strip()) for corpus, side in rows] == \
+        [(corpus, side) for corpus, side, _ in benchmark.WAN_CASES]
+    assert any(line.startswith("tiny, source 80 ms away") and "without the link" in line
+               for line in lines)
