@@ -1461,9 +1461,10 @@ class Pace:
     """How many requests to keep in flight to a server so that its round trip costs no time,
     by Little's law: as many as complete during one round trip (the `latency`, the quickest
     answer seen), times PACE_MARGIN, between `low` and `high`. While the link is not full,
-    the rate follows the number in flight, so the number grows by half at each look (the
-    margin) until the rate stops following: the link, or a server, is then the limit. Next
-    to the servers the round trip is a fraction of a millisecond and `low` holds.
+    the rate follows the number in flight, so the number about doubles at each look (the
+    margin) until the rate stops following: the link, or a server, is then the limit, and
+    the margin keeps that many again queued on it. Next to the servers the round trip is a
+    fraction of a millisecond and `low` holds.
 
     A server that answers 429 or 503 halves the ceiling, which then grows back by one each
     PACE_WINDOW without another."""
@@ -1489,7 +1490,7 @@ class Pace:
             self.calmed = self.clock()
 
     def width(self, latency: float) -> int:
-        if self.low >= self.high:
+        if self.low >= self.high or latency == float("inf"):  # fixed, or nothing answered yet
             return self.low
         with self.lock:
             now = self.clock()
@@ -1503,7 +1504,7 @@ class Pace:
                 return self.low
             rate = len(self.done_at) / max(min(window, now - self.started), 0.05)
             wanted = PACE_MARGIN * (1 + latency * rate)
-            return max(self.low, min(self.ceiling, int(wanted + 0.999)))
+            return max(self.low, min(self.ceiling, round(wanted)))
 
 
 class Gate:

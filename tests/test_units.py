@@ -322,7 +322,7 @@ def test_pace_keeps_a_round_trip_of_completions_in_flight_with_a_margin() -> Non
     clock.now += 10  # from now on rates are measured over whole windows
     completions(pace, clock, 50, 0.5)  # 100 a second
     # 100/s x 80 ms = 8 in a round trip; (1 + 8) x 2 = 18
-    assert pace.width(0.08) == int(replicate.PACE_MARGIN * 9 + 0.999)
+    assert pace.width(0.08) == round(replicate.PACE_MARGIN * 9)
     completions(pace, clock, 500, 0.5)  # 1,000 a second: more than the ceiling allows
     assert pace.width(0.08) == 32
     # Next to the server a round trip is a fraction of a millisecond: the floor holds.
