@@ -193,12 +193,12 @@ def test_a_study_too_large_to_list_whole_is_walked_series_by_series(source, targ
 
 
 def test_a_change_log_page_skimmed_gives_what_decoding_it_gives(source) -> None:
-    """Pages without a change the run wants are skimmed for their positions, not decoded."""
+    """Pages without a change the run wants are skimmed for where they end, not decoded."""
     for query in ("since=0&limit=10000", "since=5&limit=7", "since=100000&limit=10"):
         body = source.session.get(f"{source.url}/changes?{query}", timeout=60).content
         decoded = json.loads(body)
         skimmed = replicate.skim_changes(body)
         assert skimmed == {"Changes": [{"ID": change["ID"], "Seq": change["Seq"]}
-                                       for change in decoded["Changes"]],
+                                       for change in decoded["Changes"][-1:]],
                            "Done": decoded["Done"], "Last": decoded["Last"]}
     assert replicate.skim_changes(b'{"Changes": [], "Last": 3}') is None  # not Orthanc's layout
