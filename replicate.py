@@ -646,6 +646,12 @@ class OrthancClient:
                 self._sessions.append(session)
         return session
 
+    @property
+    def distant(self) -> bool:
+        """Whether the server is across a network: its quickest answer took REMOTE_LATENCY
+        or more (none yet: not known, not distant)."""
+        return REMOTE_LATENCY <= self.latency < float("inf")
+
     def close(self) -> None:
         with self._lock:
             for session in self._sessions:
@@ -1722,12 +1728,14 @@ class Copier:
         """A bundle fetched as the source's archive, and what it weighed against its files."""
         try:
             archive = self.source.fetch("/tools/create-archive", "POST", {"Resources": ids})
-        finally:
-            self.sampling = False
+        except BaseException:
+            with self.lock:
+                self.sampling = False
+            raise
         ratio = len(archive) / max(1, batch.size)
         log.debug("an archive of %d instances weighs %.2f of their files", len(ids), ratio)
         with self.lock:
-            self.archive_ratio = ratio
+            self.archive_ratio, self.sampling = ratio, False
             self.bundles_archived += 1
         return archive
 
@@ -1740,7 +1748,7 @@ class Copier:
         pixels do not shrink, many real images halve."""
         with self.lock:
             self.bundles += 1
-            if not self.archives or self.source.latency < REMOTE_LATENCY:
+            if not self.archives or not self.source.distant:
                 return False
             if self.archive_ratio is None:
                 if self.sampling:
@@ -1764,11 +1772,7 @@ class Copier:
             while position < len(ids) or running:
                 if self.stop.is_set():
                     raise Interrupted()
-                width = 1
-                if self.source.latency >= REMOTE_LATENCY and self.download_pace.high > \
-                        self.workers:
-                    wanted = self.download_pace.width(self.source.latency)
-                    width = -(-wanted // max(1, self.fetching))
+                width = self.download_width()
                 if width <= 1 and not running:
                     found[position] = self.fetch_file(ids[position])
                     position += 1
@@ -1785,6 +1789,15 @@ class Copier:
             for future in running:
                 future.cancel()
         return found  # type: ignore[return-value]
+
+    def download_width(self) -> int:
+        """Downloads in flight for one worker's bundle: one next to the source or with
+        --threads given; across a link, the pace's number shared among the workers
+        fetching at this moment."""
+        if not self.source.distant or self.download_pace.high <= self.workers:
+            return 1
+        wanted = self.download_pace.width(self.source.latency)
+        return -(-wanted // max(1, self.fetching))
 
     def fetch_file(self, instance_id: str) -> bytes:
         with self.lock:
@@ -1968,7 +1981,7 @@ class Walk:
         # Transfers at once: --threads, twice that to a distant target (while some workers
         # wait for the target's answer across the link, others send). The round trip is
         # known from the first requests, before the walk.
-        far = config.pace and copier.target.latency >= REMOTE_LATENCY
+        far = config.pace and copier.target.distant
         self.senders = config.threads * (2 if far else 1)
         self.checks: dict[Future, str] = {}
         self.transfers: dict[Future, Batch] = {}
@@ -1987,9 +2000,9 @@ class Walk:
         try:
             while True:
                 stopping = self.stopping()
-                latency = max(self.copier.source.latency, self.copier.target.latency)
-                width = self.check_pace.width(latency)
-                if latency >= REMOTE_LATENCY:  # listings are light: look further ahead at once
+                source, target = self.copier.source, self.copier.target
+                width = self.check_pace.width(max(source.latency, target.latency))
+                if source.distant or target.distant:  # listings are light: look further ahead
                     width = max(width, min(CHECKS_AHEAD, self.check_pace.high))
                 self.check_gate.resize(width)
                 while (more and not stopping
@@ -2514,6 +2527,7 @@ class Run:
         copier = getattr(self, "copier", None)
         if copier is None:
             return None
+
         def milliseconds(seconds: float) -> Optional[float]:
             return round(seconds * 1000, 2) if seconds != float("inf") else None
         return {"source_latency_ms": milliseconds(copier.source.latency),

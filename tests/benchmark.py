@@ -163,8 +163,12 @@ def load(server: OrthancServer, files: list[Path]) -> None:
             for path in group:
                 archive.write(path, path.name)
         session = server.new_session()
-        session.post(server.url + "/instances", data=buffer.getvalue(),
-                     timeout=600).raise_for_status()
+        for attempt in range(3):  # a loaded server has once answered 500 to one of these
+            answer = session.post(server.url + "/instances", data=buffer.getvalue(), timeout=600)
+            if answer.status_code != 500:
+                break
+            time.sleep(1)
+        answer.raise_for_status()
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(send, groups))
     server.upload(large)
