@@ -167,6 +167,7 @@ def load(server: OrthancServer, files: list[Path]) -> None:
             answer = session.post(server.url + "/instances", data=buffer.getvalue(), timeout=600)
             if answer.status_code != 500:
                 break
+            print(f"source answered 500 to a load: {answer.text[:200]}", file=sys.stderr)
             time.sleep(1)
         answer.raise_for_status()
     with ThreadPoolExecutor(4) as pool:
@@ -248,8 +249,14 @@ def floor(source: OrthancServer, target: OrthancServer) -> Timing:
     def post(body: tuple[str, bytes]) -> None:
         if not hasattr(local, "session"):
             local.session = target.new_session()
-        local.session.post(f"{target.url}/instances", data=body[1], timeout=600,
-                           headers={"Content-Type": body[0]}).raise_for_status()
+        for attempt in range(3):  # as in load(): a rare 500 is tried again
+            answer = local.session.post(f"{target.url}/instances", data=body[1], timeout=600,
+                                        headers={"Content-Type": body[0]})
+            if answer.status_code != 500:
+                break
+            print(f"target answered 500 to a floor POST: {answer.text[:200]}", file=sys.stderr)
+            time.sleep(1)
+        answer.raise_for_status()
     settle()
     clock = ServerClock(source, target)
     with ThreadPoolExecutor(replicate.Config.threads) as pool:

@@ -23,16 +23,16 @@ class Fault:
     seconds: float = 0.0  # how long a stall lasts before the connection is closed
 
 
-class FaultProxy:
-    def __init__(self, upstream_port: int, plan: Callable[[int], Fault] = lambda n: Fault(),
-                 tls: Optional[ssl.SSLContext] = None) -> None:
+class TcpProxy:
+    """Listens on a free local port and hands each connection, numbered, to `_serve` on a
+    thread of its own. The proxies of the tests are made of it."""
+
+    def __init__(self, upstream_port: int, tls: Optional[ssl.SSLContext] = None) -> None:
         self.upstream_port = upstream_port
-        self.plan = plan
         self.tls = tls
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
         self.port = self.listener.getsockname()[1]
         self.connections = 0
-        self.injected: dict[str, int] = {}
         self.lock = threading.Lock()
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -54,14 +54,25 @@ class FaultProxy:
             with self.lock:
                 number = self.connections
                 self.connections += 1
-            threading.Thread(target=self._serve, args=(client, self.plan(number)),
-                             daemon=True).start()
+            threading.Thread(target=self._serve, args=(client, number), daemon=True).start()
+
+    def _serve(self, client: socket.socket, number: int) -> None:
+        raise NotImplementedError
+
+
+class FaultProxy(TcpProxy):
+    def __init__(self, upstream_port: int, plan: Callable[[int], Fault] = lambda n: Fault(),
+                 tls: Optional[ssl.SSLContext] = None) -> None:
+        self.plan = plan
+        self.injected: dict[str, int] = {}
+        super().__init__(upstream_port, tls)
 
     def _count(self, kind: str) -> None:
         with self.lock:
             self.injected[kind] = self.injected.get(kind, 0) + 1
 
-    def _serve(self, client: socket.socket, fault: Fault) -> None:
+    def _serve(self, client: socket.socket, number: int) -> None:
+        fault = self.plan(number)
         if fault.kind == "reset":
             self._count("reset")
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

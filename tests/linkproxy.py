@@ -13,6 +13,8 @@ import time
 from collections import deque
 from typing import Optional
 
+from faultproxy import TcpProxy
+
 CHUNK = 64 * 1024
 
 
@@ -34,37 +36,15 @@ class Direction:
             return self.free_at
 
 
-class LinkProxy:
+class LinkProxy(TcpProxy):
     def __init__(self, upstream_port: int, rtt: float, rate: float) -> None:
-        self.upstream_port = upstream_port
         self.rtt = rtt
         self.up = Direction(rate)  # towards the server
         self.down = Direction(rate)  # towards the client
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(client, time.monotonic()),
-                             daemon=True).start()
-
-    def _serve(self, client: socket.socket, accepted: float) -> None:
+    def _serve(self, client: socket.socket, number: int) -> None:
+        accepted = time.monotonic()
         try:
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         except OSError:

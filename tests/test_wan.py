@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
+import replicate
 from dicomgen import write_corpus
 from linkproxy import LinkProxy
 from orthanc import PASSWORD, USER, OrthancServer
@@ -30,68 +32,61 @@ def middle_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Pa
             for pixels in ("random", "smooth")}
 
 
-def copy_across(capsys: pytest.CaptureFixture, source_url: str, target_url: str,
-                tmp_path: Path, *extra: str) -> dict:
+def copy_across(capsys: pytest.CaptureFixture, make_server, files: list[Path],
+                target: OrthancServer, tmp_path: Path, distant: Optional[str],
+                *extra: str) -> dict:
+    """Copy `files`, loaded into a new source, to `target` with the `distant` server
+    ("source", "target" or None) behind the link; check that the copy is whole and return
+    the run's report."""
+    source = make_server("SOURCE")
+    source.upload(files)
+    urls = [source.url, target.url]
+    proxy = None
+    if distant is not None:
+        proxy = LinkProxy((source if distant == "source" else target).port, RTT, RATE)
+        urls[0 if distant == "source" else 1] = proxy.url
     report = tmp_path / "report.json"
-    code, out, err = run(capsys, [source_url, target_url, "--username", USER, "--password",
-                                  PASSWORD, "--save", str(tmp_path / "save"), "--report",
-                                  str(report), "--verify", "-q", *extra])
+    try:
+        code, out, err = run(capsys, [*urls, "--username", USER, "--password", PASSWORD,
+                                      "--save", str(tmp_path / "save"), "--report",
+                                      str(report), "--verify", "-q", *extra])
+    finally:
+        if proxy is not None:
+            proxy.close()
     assert code == 0, err
-    return json.loads(report.read_text())
-
-
-def source_with(make_server, files: list[Path]) -> OrthancServer:
-    server = make_server("SOURCE")
-    server.upload(files)
-    return server
+    assert target.instances() == source.instances()
+    answer = json.loads(report.read_text())
+    assert answer["verified"] == len(files) and answer["verify_problems"] == []
+    return answer
 
 
 def test_a_distant_source_gets_more_downloads_and_checks_in_flight(
         make_server, middle_corpus, target, tmp_path, capsys) -> None:
-    source = source_with(make_server, middle_corpus["random"])
-    proxy = LinkProxy(source.port, RTT, RATE)
-    try:
-        report = copy_across(capsys, proxy.url, target.url, tmp_path)
-    finally:
-        proxy.close()
-    assert target.instances() == source.instances()
-    assert report["verified"] == 240 and report["verify_problems"] == []
-    link = report["link"]
+    link = copy_across(capsys, make_server, middle_corpus["random"], target, tmp_path,
+                       "source")["link"]
     assert link["source_latency_ms"] >= RTT * 1000
     assert link["target_latency_ms"] < RTT * 1000
     # 4 workers: more than 4 files at once means the pace grew with the round trip.
     assert link["downloads_in_flight_max"] > 4
     # Random pixels do not shrink: archives only as samples, and the last one said so.
-    assert link["archive_ratio"] > replicate_archive_worth()
+    assert link["archive_ratio"] > replicate.ARCHIVE_WORTH
     assert link["bundles"] >= 3
     assert link["bundles_as_archives"] <= 1 + link["bundles"] // 10
 
 
 def test_threads_given_caps_what_is_in_flight(make_server, middle_corpus, target, tmp_path,
                                               capsys) -> None:
-    source = source_with(make_server, middle_corpus["random"])
-    proxy = LinkProxy(source.port, RTT, RATE)
-    try:
-        report = copy_across(capsys, proxy.url, target.url, tmp_path, "--threads", "3")
-    finally:
-        proxy.close()
-    assert target.instances() == source.instances()
-    assert report["link"]["downloads_in_flight_max"] <= 3
-    assert report["link"]["checks_in_flight_max"] <= 2
+    link = copy_across(capsys, make_server, middle_corpus["random"], target, tmp_path,
+                       "source", "--threads", "3")["link"]
+    assert link["downloads_in_flight_max"] <= 3
+    assert link["checks_in_flight_max"] <= 2
 
 
 def test_bundles_from_a_distant_source_travel_as_archives_when_they_shrink(
         make_server, middle_corpus, target, tmp_path, capsys) -> None:
-    source = source_with(make_server, middle_corpus["smooth"])
-    proxy = LinkProxy(source.port, RTT, RATE)
-    try:
-        report = copy_across(capsys, proxy.url, target.url, tmp_path)
-    finally:
-        proxy.close()
-    assert target.instances() == source.instances()
-    assert report["verified"] == 240 and report["verify_problems"] == []
-    link = report["link"]
-    assert link["archive_ratio"] <= replicate_archive_worth()
+    link = copy_across(capsys, make_server, middle_corpus["smooth"], target, tmp_path,
+                       "source")["link"]
+    assert link["archive_ratio"] <= replicate.ARCHIVE_WORTH
     # 240 files of 51 KB make 3 or more bundles of at most 4 MB: all but those that began
     # while the first sample was being measured are archives.
     assert link["bundles"] >= 3
@@ -100,27 +95,14 @@ def test_bundles_from_a_distant_source_travel_as_archives_when_they_shrink(
 
 def test_next_to_the_source_nothing_is_deflated_and_one_download_a_worker(
         make_server, middle_corpus, target, tmp_path, capsys) -> None:
-    source = source_with(make_server, middle_corpus["smooth"])
-    report = copy_across(capsys, source.url, target.url, tmp_path)
-    assert target.instances() == source.instances()
-    assert report["link"]["bundles_as_archives"] == 0
-    assert report["link"]["downloads_in_flight_max"] <= 4
+    link = copy_across(capsys, make_server, middle_corpus["smooth"], target, tmp_path,
+                       None)["link"]
+    assert link["bundles_as_archives"] == 0
+    assert link["downloads_in_flight_max"] <= 4
 
 
-def test_a_distant_target(make_server, middle_corpus, tmp_path, capsys) -> None:
-    source = source_with(make_server, middle_corpus["random"])
-    target = make_server("TARGET")
-    proxy = LinkProxy(target.port, RTT, RATE)
-    try:
-        report = copy_across(capsys, source.url, proxy.url, tmp_path)
-    finally:
-        proxy.close()
-    assert target.instances() == source.instances()
-    assert report["verified"] == 240 and report["verify_problems"] == []
-    assert report["link"]["target_latency_ms"] >= RTT * 1000
-    assert report["link"]["bundles_as_archives"] == 0
-
-
-def replicate_archive_worth() -> float:
-    import replicate
-    return replicate.ARCHIVE_WORTH
+def test_a_distant_target(make_server, middle_corpus, target, tmp_path, capsys) -> None:
+    link = copy_across(capsys, make_server, middle_corpus["random"], target, tmp_path,
+                       "target")["link"]
+    assert link["target_latency_ms"] >= RTT * 1000
+    assert link["bundles_as_archives"] == 0
