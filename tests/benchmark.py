@@ -151,6 +151,19 @@ def generate(kind: str, scale: str, cache: Path) -> list[Path]:
     return sorted(folder.glob("*.dcm"))
 
 
+def store(session, server: OrthancServer, body: bytes, content_type: str) -> None:
+    """POST /instances, tried again after a 500: twice a server here answered 500 to a ZIP
+    once (loading a corpus, posting the floor's ZIPs), which ended the whole run."""
+    for attempt in range(3):
+        answer = session.post(server.url + "/instances", data=body, timeout=600,
+                              headers={"Content-Type": content_type})
+        if answer.status_code != 500:
+            break
+        print(f"{server.name} answered 500 to a POST: {answer.text[:200]}", file=sys.stderr)
+        time.sleep(1)
+    answer.raise_for_status()
+
+
 def load(server: OrthancServer, files: list[Path]) -> None:
     """Fill a source quickly: small files in ZIPs of 500, large ones alone."""
     small = [path for path in files if path.stat().st_size < 1_000_000]
@@ -162,14 +175,7 @@ def load(server: OrthancServer, files: list[Path]) -> None:
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
             for path in group:
                 archive.write(path, path.name)
-        session = server.new_session()
-        for attempt in range(3):  # a loaded server has once answered 500 to one of these
-            answer = session.post(server.url + "/instances", data=buffer.getvalue(), timeout=600)
-            if answer.status_code != 500:
-                break
-            print(f"source answered 500 to a load: {answer.text[:200]}", file=sys.stderr)
-            time.sleep(1)
-        answer.raise_for_status()
+        store(server.new_session(), server, buffer.getvalue(), "application/zip")
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(send, groups))
     server.upload(large)
@@ -249,14 +255,7 @@ def floor(source: OrthancServer, target: OrthancServer) -> Timing:
     def post(body: tuple[str, bytes]) -> None:
         if not hasattr(local, "session"):
             local.session = target.new_session()
-        for attempt in range(3):  # as in load(): a rare 500 is tried again
-            answer = local.session.post(f"{target.url}/instances", data=body[1], timeout=600,
-                                        headers={"Content-Type": body[0]})
-            if answer.status_code != 500:
-                break
-            print(f"target answered 500 to a floor POST: {answer.text[:200]}", file=sys.stderr)
-            time.sleep(1)
-        answer.raise_for_status()
+        store(local.session, target, body[1], body[0])
     settle()
     clock = ServerClock(source, target)
     with ThreadPoolExecutor(replicate.Config.threads) as pool:
@@ -459,17 +458,16 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
              "/ floor | peak RSS | replicate.py CPU | Orthanc's push |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     notes = []
-    loaded: dict[str, OrthancServer] = {}
+    source: Optional[OrthancServer] = None  # loaded with `loaded`; cases of a corpus follow
+    loaded = ""
     try:
         for corpus, side, rtt in WAN_CASES:
-            if corpus not in loaded:
-                for server in loaded.values():
-                    discard(server)
-                loaded.clear()
+            if corpus != loaded:
+                if source is not None:
+                    discard(source)
                 source = OrthancServer(work / f"wan-source-{corpus}", "SOURCE").start()
-                loaded[corpus] = source
+                loaded = corpus
                 load(source, generate(corpus, scale, cache))
-            source = loaded[corpus]
             size = int(source.get("/statistics")["TotalUncompressedSize"])
             link_floor = size / WAN_RATE
 
@@ -511,8 +509,8 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
                          f"{timing.seconds:.2f} s | {timing.seconds / link_floor:.2f} | "
                          f"{rss / 1024:.0f} MB | {timing.client_cpu:.1f} s | {push_text} |")
     finally:
-        for server in loaded.values():
-            discard(server)
+        if source is not None:
+            discard(source)
     return [f"across a link of {WAN_RATE / 1e6:.0f} MB/s each way (tests/linkproxy.py), "
             "default options:", ""] + lines + [""] + notes
 
