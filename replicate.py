@@ -73,6 +73,7 @@ STREAM_MIN_INSTANCE = 2 * 1024 * 1024
 BATCH_MAX_INSTANCES = 200
 BATCH_MAX_BYTES = 4 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
+GATHER_BYTES = 256 * 1024  # an archive next to its server is read in pieces of this much
 PACED_BLOCK = 64 * 1024
 LISTING_PAGE = 2000
 LISTING_TIMEOUT = 600.0  # seconds to the first byte of an answer over the whole server
@@ -545,16 +546,64 @@ class TruncatedDownload(Exception):
     """An answer ended before its announced length, or was cut inside its headers."""
 
 
-def require_framing(response: requests.Response) -> None:
-    """Orthanc frames its answers with Content-Length, chunks, or `Connection: close` (its
-    archives); one with none of them was cut inside its headers, and http.client would take
-    an empty body for it."""
+def framing(response: Any) -> str:
+    """How an answer says where it ends: "length", "chunked", "close" (Orthanc's archives end
+    by closing the connection), or "" for none of them."""
     headers = response.headers
-    if "Content-Length" not in headers and \
-            "chunked" not in headers.get("Transfer-Encoding", "").lower() and \
-            headers.get("Connection", "").lower() != "close":
-        response.close()
+    if "Content-Length" in headers:
+        return "length"
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        return "chunked"
+    return "close" if headers.get("Connection", "").lower() == "close" else ""
+
+
+def require_framing(response: Any) -> None:
+    """An answer framed by none of Orthanc's ways was cut inside its headers, and http.client
+    would take an empty body for it."""
+    if not framing(response):
+        discard(response)
         raise TruncatedDownload("an answer was cut inside its headers")
+
+
+def discard(response: Any) -> None:
+    """Give up an answer: its connection is closed, and goes back to its pool to be made anew."""
+    response.close()
+    release = getattr(response, "release_conn", None)
+    if release is not None:
+        release()
+
+
+def gather(response: urllib3.HTTPResponse, size: int) -> None:
+    """Have the socket of an answer ended by closing its connection wake the reader only
+    once `size` bytes are in, or the answer ended (SO_RCVLOWAT), rather than at each piece
+    the server writes. Only there: on a connection kept alive, a shorter answer would then
+    wait for the timeout. Where the system has no such option, nothing changes."""
+    if framing(response) != "close" or not hasattr(socket, "SO_RCVLOWAT"):
+        return
+    try:  # the connection handed its socket to the answer: reached through a copy of its fd
+        with socket.socket(fileno=os.dup(response.fileno())) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+    except (OSError, ValueError):
+        pass
+
+
+def transport_error(error: BaseException) -> BaseException:
+    """urllib3's exception for a request that failed on the way (see OrthancClient.send) as
+    the requests exception that requests' own adapter raises for it, which the rest of this
+    tool knows (is_retryable, describe_error)."""
+    if isinstance(error, urllib3.exceptions.SSLError):
+        return requests.exceptions.SSLError(error)
+    if isinstance(error, urllib3.exceptions.NewConnectionError):
+        return requests.ConnectionError(error)
+    if isinstance(error, urllib3.exceptions.ConnectTimeoutError):
+        return requests.ConnectTimeout(error)
+    if isinstance(error, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+        return requests.ReadTimeout(error)
+    return requests.ConnectionError(error)
+
+
+def json_body(value: Any) -> bytes:
+    return json.dumps(value).encode("utf-8")
 
 
 def unless_missing(action: Callable[[], T]) -> Optional[T]:
@@ -602,7 +651,8 @@ class BlockAdapter(requests.adapters.HTTPAdapter):
 
 
 class OrthancClient:
-    """One server. Each thread gets its own keep-alive requests session."""
+    """One server. Each thread gets its own keep-alive requests session; requests themselves
+    go to that session's urllib3 connection pool (see send)."""
 
     def __init__(self, endpoint: Endpoint, policy: RetryPolicy, stop: threading.Event,
                  tls_verify: Any = True) -> None:
@@ -612,14 +662,16 @@ class OrthancClient:
         self.policy = policy
         self.stop = stop
         self.system: dict = {}
-        # The headers of every request (see send). Orthanc 1.10 deflates every answer when
-        # asked to, which is slower than the network: identity.
+        # The headers of every request (see send), the credentials encoded by requests. Orthanc
+        # 1.10 deflates every answer when asked to, which is slower than the network: identity.
         template = requests.PreparedRequest()
         template.headers = requests.structures.CaseInsensitiveDict({
             "User-Agent": f"replicate.py/{__version__}", "Accept-Encoding": "identity",
-            "Accept": "*/*", "Connection": "keep-alive"})
+            "Accept": "*/*"})
         requests.auth.HTTPBasicAuth(endpoint.username, endpoint.password)(template)
-        self.headers = template.headers
+        self.headers = dict(template.headers)
+        self.prefix = urllib.parse.urlsplit(endpoint.url).path.rstrip("/")
+        self.timeout = urllib3.Timeout(connect=min(10.0, policy.timeout), read=policy.timeout)
         self.find_caps: dict[str, Optional[int]] = {}  # level -> what its finds return at most
         # The quickest answer seen, in seconds: the round trip to the server, plus the least
         # it takes to answer anything. Pace reads it.
@@ -646,6 +698,22 @@ class OrthancClient:
                 self._sessions.append(session)
         return session
 
+    def pool(self) -> urllib3.HTTPConnectionPool:
+        """The thread's connection pool to the server: the one its session's adapter holds and
+        uses itself, asked the way requests asks it, with the same TLS settings."""
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            url = self.endpoint.url
+            adapter = self.session().get_adapter(url)
+            if hasattr(adapter, "get_connection_with_tls_context"):  # requests 2.32 and later
+                pool = adapter.get_connection_with_tls_context(
+                    requests.Request("GET", url).prepare(), self.tls_verify, proxies={})
+            else:
+                pool = adapter.get_connection(url, proxies={})
+            adapter.cert_verify(pool, url, self.tls_verify, None)
+            self._local.pool = pool
+        return pool
+
     @property
     def distant(self) -> bool:
         """Whether the server is across a network: its quickest answer took REMOTE_LATENCY
@@ -660,51 +728,68 @@ class OrthancClient:
 
     def send(self, method: str, path: str, stream: bool = False,
              read_timeout: Optional[float] = None, data: Any = None, json: Any = None,
-             headers: Optional[dict[str, str]] = None) -> requests.Response:
-        """One request, no retry; raises HttpStatusError on an error status.
+             headers: Optional[dict[str, str]] = None) -> urllib3.HTTPResponse:
+        """One request, no retry; raises HttpStatusError on an error status, and requests'
+        exceptions for a failed connection, as requests would. The answer is read whole
+        unless `stream`.
 
-        The request is prepared here, from headers made once per client, and handed to the
-        thread's session adapter, which maps every error to requests' exceptions and answers
-        a requests Response. Session.request would merge settings, cookies, hooks and
-        redirect rules again for every request: profiled on 24,000 small instances, that was
-        37% of this tool's CPU, for a server, headers and options that never change."""
-        request = requests.PreparedRequest()
-        request.method = method
-        request.url = self.endpoint.url + path
-        request.headers = self.headers.copy()
+        The request goes straight to the thread's urllib3 pool (its session's): requests
+        would build a request and an answer object around it, and parse the answer's headers
+        again for cookies. Profiled on 3,000 files of 130 KB fetched one after the other, that
+        was 0.45 ms of this tool's CPU per file against 0.27 ms this way; on 24,000 tiny
+        instances, a third of the CPU went to the study listings, mostly in requests."""
+        request_headers = self.headers.copy()
+        body = data
+        if json is not None:
+            body = json_body(json)
+            request_headers["Content-Type"] = "application/json"
         if headers:
-            request.headers.update(headers)
-        request.hooks = {"response": []}
-        request.prepare_body(data, None, json)
-        timeout = (min(10.0, self.policy.timeout), read_timeout or self.policy.timeout)
-        session = self.session()
+            request_headers.update(headers)
+        chunked = body is not None and not hasattr(body, "__len__")  # a generator of blocks
+        if body is not None and not chunked:
+            request_headers["Content-Length"] = str(len(body))
+        timeout = self.timeout if read_timeout is None else urllib3.Timeout(
+            connect=self.timeout.connect_timeout, read=read_timeout)
         started = time.perf_counter()
-        response = session.get_adapter(request.url).send(
-            request, stream=stream, timeout=timeout, verify=self.tls_verify, proxies={})
+        try:
+            response = self.pool().urlopen(
+                method, self.prefix + path, body=body, headers=request_headers, retries=False,
+                redirect=False, assert_same_host=False, timeout=timeout, chunked=chunked,
+                preload_content=False, release_conn=False, decode_content=True,
+                enforce_content_length=True)
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise transport_error(error) from error
         self.latency = min(self.latency, time.perf_counter() - started)
-        if not stream:
-            response.content  # noqa: B018 (reads the whole answer, as Session.send does)
-        if response.status_code >= 300:
+        if response.status >= 300:
             # An error answer is short (Orthanc's is a small JSON); read at most 64 KiB of it.
-            body = response.text if not stream else response.raw.read(
-                65536, decode_content=True).decode("utf-8", "replace")
-            response.close()
-            raise HttpStatusError(self.role, method, path.split("?")[0], response.status_code,
-                                  body)
+            try:
+                text = response.read(65536).decode("utf-8", "replace")
+            except (urllib3.exceptions.HTTPError, OSError):
+                text = ""
+            discard(response)
+            raise HttpStatusError(self.role, method, path.split("?")[0], response.status, text)
         require_framing(response)
+        if not stream:
+            try:
+                response.read(cache_content=True)
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                discard(response)
+                raise transport_error(error) from error
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         """A JSON request with retries."""
         def action() -> Any:
-            response = self.send(method, path, **kwargs)
-            try:
-                return response.json()
-            except ValueError:
-                raise ServerError(f"{self.role} {self.endpoint.url} answered {method} {path} "
-                                  "with something that is not JSON") from None
+            return self.decode(self.send(method, path, **kwargs), method, path)
         return call_with_retries(action, f"{self.role} {method} {path.split('?')[0]}",
                                  self.policy, self.stop)
+
+    def decode(self, response: urllib3.HTTPResponse, method: str, path: str) -> Any:
+        try:
+            return json.loads(response.data)
+        except ValueError:
+            raise ServerError(f"{self.role} {self.endpoint.url} answered {method} {path} "
+                              "with something that is not JSON") from None
 
     def get(self, path: str) -> Any:
         return self.json("GET", path)
@@ -716,13 +801,14 @@ class OrthancClient:
             response = self.send("GET", path, stream=True)
             length = response.headers.get("Content-Length")
             if length is not None and int(length) > max_bytes:
-                response.close()
+                discard(response)
                 return TOO_LARGE
             try:
-                return response.json()
-            except ValueError:
-                raise ServerError(f"{self.role} {self.endpoint.url} answered GET {path} "
-                                  "with something that is not JSON") from None
+                response.read(cache_content=True)
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                discard(response)
+                raise TruncatedDownload(f"the answer to GET {path} was cut short") from error
+            return self.decode(response, "GET", path)
         return call_with_retries(action, f"{self.role} GET {path}", self.policy, self.stop)
 
     def whole(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -733,21 +819,22 @@ class OrthancClient:
                          **kwargs)
 
     def fetch(self, path: str, method: str = "GET", json: Any = None) -> bytes:
-        """A file, read whole in one read of its announced length rather than in requests'
-        10 KiB blocks (a sixth of this tool's CPU on middle-sized instances); no retry. An
-        answer cut short raises TruncatedDownload, which is retried."""
+        """A file, read whole in one read of its announced length; no retry. An answer cut
+        short raises TruncatedDownload, which is retried.
+
+        An archive comes with no length, ended by closing the connection, and in pieces of
+        about a file each: read as they come, 140 KB of tiny files took 170 reads and 3.8 ms
+        of this tool's CPU. Next to the server, the socket is told to wake the reader only
+        once GATHER_BYTES are in (or the answer ended): 1.7 ms, the same wall time."""
         response = self.send(method, path, stream=True, json=json)
+        if not self.distant:
+            gather(response, GATHER_BYTES)
         try:
-            content = response.raw.read(decode_content=True)
+            content = response.read()
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            response.close()
+            discard(response)
             raise TruncatedDownload(f"the answer to {method} {path} was cut short") from error
-        length = response.headers.get("Content-Length")
-        if length is not None and len(content) != int(length):
-            response.close()
-            raise TruncatedDownload(f"the answer to {method} {path} ended after "
-                                    f"{len(content)} of {length} bytes")
-        response.raw.release_conn()  # back to the pool, kept alive
+        response.release_conn()  # back to the pool, kept alive unless the server closes it
         return content
 
     def data(self, path: str) -> bytes:
@@ -757,8 +844,9 @@ class OrthancClient:
 
     def text(self, path: str) -> str:
         """A GET of a plain text answer, with retries."""
-        return call_with_retries(lambda: self.send("GET", path).text.strip(),
-                                 f"{self.role} GET {path}", self.policy, self.stop)
+        return call_with_retries(
+            lambda: self.send("GET", path).data.decode("utf-8", "replace").strip(),
+            f"{self.role} GET {path}", self.policy, self.stop)
 
     def md5(self, instance_id: str) -> Optional[str]:
         """The MD5 Orthanc stored for the instance's DICOM file (of the uncompressed file,
@@ -1200,7 +1288,7 @@ def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
         found = unless_missing(lambda: target.text(f"{path}/attachments/{target_name}/md5"))
         if found == expected:
             continue
-        data = source.send("GET", f"{path}/attachments/{name}/data").content
+        data = source.send("GET", f"{path}/attachments/{name}/data").data
         try:
             target.send("PUT", f"{path}/attachments/{target_name}", data=data)
             written += 1
@@ -1687,14 +1775,14 @@ class Copier:
             encoding = download.headers.get("Content-Encoding", "identity").lower()
             length = download.headers.get("Content-Length")
             if encoding == "identity" and length is not None:
-                body: Any = UploadBody(download.raw.read, int(length), self.stop, self.limiter)
+                body: Any = UploadBody(download.read, int(length), self.stop, self.limiter)
             else:  # a server that compresses anyway: decode, send chunked
-                body = self.paced(download.iter_content(CHUNK_SIZE))
+                body = self.paced(download.stream(CHUNK_SIZE))
             upload = self.target.send("POST", "/instances", data=body,
                                       headers={"Content-Type": "application/dicom"})
-            return upload.json()
+            return self.target.decode(upload, "POST", "/instances")
         finally:
-            download.close()
+            discard(download)
 
     def paced(self, blocks: Iterable[bytes]) -> Iterator[bytes]:
         for block in blocks:
@@ -1718,8 +1806,9 @@ class Copier:
                               self.limiter)
         if isinstance(body, bytes) and self.limiter is not None:
             body = UploadBody(io.BytesIO(body).read, len(body), self.stop, self.limiter)
-        answer = self.target.send("POST", "/instances", data=body,
-                                  headers={"Content-Type": "application/zip"}).json()
+        answer = self.target.decode(self.target.send(
+            "POST", "/instances", data=body, headers={"Content-Type": "application/zip"}),
+            "POST", "/instances")
         records = answer if isinstance(answer, list) else [answer]
         return {record["ID"]: record.get("Status", "") for record in records
                 if isinstance(record, dict) and "ID" in record}
