@@ -1577,6 +1577,7 @@ class Pace:
         self.started: Optional[float] = None  # the first completion
         self.calmed = clock()
         self.done_at: deque[float] = deque()
+        self.window = PACE_WINDOW  # seconds of completions the rate is measured over
         self.lock = threading.Lock()
 
     def done(self) -> None:
@@ -1585,6 +1586,10 @@ class Pace:
             self.done_at.append(now)
             if self.started is None:
                 self.started = now
+            # Only the last window counts; whether width is asked or not (next to a server
+            # it is not), older completions go, so that memory does not grow with the copy.
+            while self.done_at[0] < now - self.window:
+                self.done_at.popleft()
 
     def back_off(self) -> None:
         with self.lock:
@@ -1596,7 +1601,7 @@ class Pace:
             return self.low
         with self.lock:
             now = self.clock()
-            window = max(PACE_WINDOW, 4 * latency)
+            self.window = window = max(PACE_WINDOW, 4 * latency)
             while self.done_at and self.done_at[0] < now - window:
                 self.done_at.popleft()
             if self.ceiling < self.high and now - self.calmed >= PACE_WINDOW:

@@ -348,6 +348,16 @@ def test_pace_halves_its_ceiling_when_a_server_is_overloaded_and_recovers() -> N
     assert pace.ceiling == 4 + 3  # one more each calm window
 
 
+def test_pace_forgets_completions_older_than_its_window_even_when_not_asked() -> None:
+    # Next to the source nobody asks the width of downloads, but each one still ends:
+    # what the pace keeps must stay one window long, not grow with the copy.
+    clock = FakeClock()
+    pace = replicate.Pace(4, 32, clock=clock)
+    completions(pace, clock, 10_000, 100.0)  # 100 a second for 100 seconds
+    assert len(pace.done_at) <= 100 * replicate.PACE_WINDOW + 1
+    assert pace.width(0.08) == round(replicate.PACE_MARGIN * (1 + 0.08 * 100))
+
+
 def test_pace_with_equal_bounds_is_fixed() -> None:
     clock = FakeClock()
     pace = replicate.Pace(3, 3, clock=clock)
