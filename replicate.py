@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import io
+import itertools
 import json
 import logging
 import os
+import queue
 import random
 import re
 import signal
@@ -39,7 +41,7 @@ import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Collection, Iterable, Iterator, Optional, TypeVar
 
 import requests
@@ -452,18 +454,19 @@ class Batcher:
 
     def add(self, instance: Instance) -> Optional[Batch]:
         """Take one instance; return a batch that is now full, if one is."""
-        if not self.zip_upload or instance.size >= STREAM_MIN_INSTANCE:
+        size = instance.size
+        if not self.zip_upload or size >= STREAM_MIN_INSTANCE:
             return Batch("single", [instance])
-        mode = ("archive" if self.archive_download and instance.size <= ARCHIVE_MAX_INSTANCE
-                else "bundle")
+        mode = "archive" if self.archive_download and size <= ARCHIVE_MAX_INSTANCE else "bundle"
         full = None
-        if mode in self.open and self.open_bytes[mode] + instance.size > self.max_bytes:
-            full = self.close(mode)
-        if mode not in self.open:
-            self.open[mode], self.open_bytes[mode] = Batch(mode, []), 0
-        batch = self.open[mode]
+        batch = self.open.get(mode)
+        if batch is not None and self.open_bytes[mode] + size > self.max_bytes:
+            full, batch = self.close(mode), None
+        if batch is None:
+            batch = self.open[mode] = Batch(mode, [])
+            self.open_bytes[mode] = 0
         batch.instances.append(instance)
-        self.open_bytes[mode] += instance.size
+        self.open_bytes[mode] += size
         self.waiting += 1
         if len(batch.instances) >= self.max_instances:
             return self.close(mode)
@@ -2079,6 +2082,9 @@ class Walk:
         self.senders = config.threads * (2 if far else 1)
         self.checks: dict[Future, str] = {}
         self.transfers: dict[Future, Batch] = {}
+        # Checks and transfers put themselves here as they end; the loop below waits on it
+        # (concurrent.futures.wait would hook into every future in flight at each look).
+        self.ended: queue.SimpleQueue[Future] = queue.SimpleQueue()
         # studies with instances still travelling -> [instances left, instances it holds,
         # bytes sent, failed?]: a study is recorded complete once every instance landed
         self.open_studies: dict[str, list] = {}
@@ -2106,7 +2112,9 @@ class Walk:
                     if study is None:
                         more = False
                         break
-                    self.checks[checkers.submit(self.check, study, on_target(study))] = study
+                    future = checkers.submit(self.check, study, on_target(study))
+                    future.add_done_callback(self.ended.put)
+                    self.checks[future] = study
                 # A batch not yet full goes when the workers would otherwise idle, or at the end.
                 if not self.ready and (len(self.transfers) < max(1, config.threads // 2)
                                        or (not more and not self.checks)):
@@ -2115,17 +2123,18 @@ class Walk:
                 while self.ready and not stopping and len(self.transfers) < self.senders * 2:
                     batch = self.ready.popleft()
                     self.ready_count -= len(batch.instances)
-                    self.transfers[senders.submit(self.copier.copy, batch)] = batch
+                    future = senders.submit(self.copier.copy, batch)
+                    future.add_done_callback(self.ended.put)
+                    self.transfers[future] = batch
                 if not self.checks and not self.transfers and (
                         stopping or (not more and not self.ready and not self.batcher.waiting)):
                     return
+                for future in self.wait_ended(0.5):
+                    batch = self.transfers.pop(future, None)
+                    if batch is not None:
+                        self.collect(future, batch)
                 # Checks are taken in the order of the studies, so that batches (and the
                 # progress) follow the source's listing whichever check ends first.
-                head = [next(iter(self.checks))] if self.checks else []
-                done, _ = wait(head + list(self.transfers), timeout=0.5,
-                               return_when=FIRST_COMPLETED)
-                for future in [future for future in done if future in self.transfers]:
-                    self.collect(future, self.transfers.pop(future))
                 while self.checks and next(iter(self.checks)).done():
                     future = next(iter(self.checks))
                     self.checked(future, self.checks.pop(future))
@@ -2146,6 +2155,17 @@ class Walk:
             outcome.checks_max = max(outcome.checks_max, self.check_gate.held_max)
             checkers.shutdown(wait=False, cancel_futures=True)
             senders.shutdown(wait=False, cancel_futures=True)
+
+    def wait_ended(self, timeout: float) -> list[Future]:
+        """The checks and transfers that ended since the last look, after waiting up to
+        `timeout` for one."""
+        ended: list[Future] = []
+        try:
+            ended.append(self.ended.get(timeout=timeout))
+            while True:
+                ended.append(self.ended.get_nowait())
+        except queue.Empty:
+            return ended
 
     def check(self, study: str, on_target: bool) -> StudyCheck:
         """check_study in a checker thread, as many at once as the gate lets through."""
@@ -2210,28 +2230,33 @@ class Walk:
             log.debug("worker error", exc_info=True)
             result = BatchResult(batch, failed=[(instance, describe_error(error))
                                                 for instance in batch.instances])
+        open_studies = self.open_studies
+        copied_bytes = 0
+        for instance in result.stored:
+            copied_bytes += instance.size
+            open_studies[instance.study][2] += instance.size
         outcome.copied += len(result.stored)
-        outcome.copied_bytes += sum(i.size for i in result.stored)
+        outcome.copied_bytes += copied_bytes
         outcome.already += len(result.already)
         outcome.vanished += len(result.vanished)
         for instance, reason in result.failed:
             outcome.failed.append((instance.id, reason))
+            open_studies[instance.study][3] = True
             log.error("copy failed: instance %s (study %s): %s", instance.id,
                       instance.study, reason)
         outcome.target_full = outcome.target_full or result.target_full
+        # Instances that ended, counted by study (a batch holds a few studies, in order).
+        ended = Counter(instance.study for instance in itertools.chain(
+            result.stored, result.already, result.vanished,
+            (instance for instance, _ in result.failed)))
         complete = []
-        for instance in result.stored:
-            self.open_studies[instance.study][2] += instance.size
-        for instance, _ in result.failed:
-            self.open_studies[instance.study][3] = True
-        for instance in (result.stored + result.already + result.vanished
-                         + [instance for instance, _ in result.failed]):
-            state = self.open_studies[instance.study]
-            state[0] -= 1
+        for study, count in ended.items():
+            state = open_studies[study]
+            state[0] -= count
             if state[0] == 0:
-                del self.open_studies[instance.study]
+                del open_studies[study]
                 if not state[3]:
-                    complete.append((instance.study, state[1], state[2]))
+                    complete.append((study, state[1], state[2]))
         self.journal.studies_done(complete)
         self.progress.advance(len(result.stored) + len(result.already) + len(result.vanished)
                               + len(result.failed), self.progress_text)
