@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import urllib3
 
 import replicate
 from replicate import (Batch, HttpStatusError, Instance, Journal, RetryPolicy, UsageError,
@@ -138,6 +139,47 @@ def test_version_at_least() -> None:
 ])
 def test_is_retryable(error: Exception, expected: bool) -> None:
     assert is_retryable(error) is expected
+
+
+@pytest.mark.parametrize("error, retryable, reason", [
+    (urllib3.exceptions.NewConnectionError(None, "[Errno 111] Connection refused"), True,
+     "connection refused"),
+    (urllib3.exceptions.ConnectTimeoutError(None, "connect timed out"), True, "timed out"),
+    (urllib3.exceptions.ReadTimeoutError(None, "/x", "read timed out"), True, "timed out"),
+    (urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104)), True,
+     "connection failed"),
+    (urllib3.exceptions.SSLError("certificate verify failed"), False,
+     "certificate verify failed"),
+])
+def test_urllib3_errors_are_told_as_requests_tells_them(error: Exception, retryable: bool,
+                                                        reason: str) -> None:
+    # The hot path goes to urllib3's pool (OrthancClient.send); what it raises must be
+    # retried and described as the same failure through requests was.
+    mapped = replicate.transport_error(error)
+    assert isinstance(mapped, requests.RequestException)
+    assert is_retryable(mapped) is retryable
+    assert replicate.describe_error(mapped) == reason
+
+
+class Answer:
+    def __init__(self, **headers: str) -> None:
+        self.headers = requests.structures.CaseInsensitiveDict(
+            {name.replace("_", "-"): value for name, value in headers.items()})
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_framing_of_an_answer() -> None:
+    assert replicate.framing(Answer(content_length="12")) == "length"
+    assert replicate.framing(Answer(transfer_encoding="Chunked")) == "chunked"
+    assert replicate.framing(Answer(connection="close")) == "close"  # Orthanc's archives
+    cut = Answer(connection="keep-alive")  # cut inside its headers: no way to end
+    assert replicate.framing(cut) == ""
+    with pytest.raises(replicate.TruncatedDownload):
+        replicate.require_framing(cut)
+    assert cut.closed
 
 
 def test_http_errors_keep_orthancs_reason() -> None:
