@@ -40,6 +40,7 @@ import warnings
 import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from collections import Counter, deque
 from typing import Any, Callable, Collection, Iterable, Iterator, Optional, TypeVar
@@ -1783,7 +1784,9 @@ class Copier:
             encoding = download.headers.get("Content-Encoding", "identity").lower()
             length = download.headers.get("Content-Length")
             if encoding == "identity" and length is not None:
-                body: Any = UploadBody(download.read, int(length), self.stop, self.limiter)
+                # Read as it comes: asked to decode, urllib3 would copy each block once more.
+                body: Any = UploadBody(partial(download.read, decode_content=False),
+                                       int(length), self.stop, self.limiter)
             else:  # a server that compresses anyway: decode, send chunked
                 body = self.paced(download.stream(CHUNK_SIZE))
             upload = self.target.send("POST", "/instances", data=body,
