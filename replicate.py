@@ -591,6 +591,17 @@ def gather(response: urllib3.HTTPResponse, size: int) -> None:
         pass
 
 
+def read_whole(response: urllib3.HTTPResponse, method: str, path: str) -> bytes:
+    """The rest of an answer, kept in it (`.data`). One cut short is given up and raises
+    TruncatedDownload, which is retried."""
+    try:
+        return response.read(cache_content=True)
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        discard(response)
+        raise TruncatedDownload(f"the answer to {method} {path.split('?')[0]} was cut short"
+                                ) from error
+
+
 def transport_error(error: BaseException) -> BaseException:
     """urllib3's exception for a request that failed on the way (see OrthancClient.send) as
     the requests exception that requests' own adapter raises for it, which the rest of this
@@ -774,11 +785,7 @@ class OrthancClient:
             raise HttpStatusError(self.role, method, path.split("?")[0], response.status, text)
         require_framing(response)
         if not stream:
-            try:
-                response.read(cache_content=True)
-            except (urllib3.exceptions.HTTPError, OSError) as error:
-                discard(response)
-                raise transport_error(error) from error
+            read_whole(response, method, path)
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -807,11 +814,7 @@ class OrthancClient:
             if length is not None and int(length) > max_bytes:
                 discard(response)
                 return TOO_LARGE
-            try:
-                response.read(cache_content=True)
-            except (urllib3.exceptions.HTTPError, OSError) as error:
-                discard(response)
-                raise TruncatedDownload(f"the answer to GET {path} was cut short") from error
+            read_whole(response, "GET", path)
             return self.decode(response, "GET", path)
         return call_with_retries(action, f"{self.role} GET {path}", self.policy, self.stop)
 
@@ -833,11 +836,7 @@ class OrthancClient:
         response = self.send(method, path, stream=True, json=json)
         if not self.distant:
             gather(response, GATHER_BYTES)
-        try:
-            content = response.read()
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            discard(response)
-            raise TruncatedDownload(f"the answer to {method} {path} was cut short") from error
+        content = read_whole(response, method, path)
         response.release_conn()  # back to the pool, kept alive unless the server closes it
         return content
 
