@@ -1591,8 +1591,12 @@ class Pace:
                 self.started = now
             # Only the last window counts; whether width is asked or not (next to a server
             # it is not), older completions go, so that memory does not grow with the copy.
-            while self.done_at[0] < now - self.window:
-                self.done_at.popleft()
+            self.forget(now)
+
+    def forget(self, now: float) -> None:
+        """Drop the completions older than the window (the lock held)."""
+        while self.done_at and self.done_at[0] < now - self.window:
+            self.done_at.popleft()
 
     def back_off(self) -> None:
         with self.lock:
@@ -1605,8 +1609,7 @@ class Pace:
         with self.lock:
             now = self.clock()
             self.window = window = max(PACE_WINDOW, 4 * latency)
-            while self.done_at and self.done_at[0] < now - window:
-                self.done_at.popleft()
+            self.forget(now)
             if self.ceiling < self.high and now - self.calmed >= PACE_WINDOW:
                 self.ceiling += 1
                 self.calmed = now
