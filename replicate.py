@@ -120,10 +120,14 @@ ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 # Orthanc's error codes about a stored file, which no retry mends: InexistentFile,
-# FullStorage, CorruptedFile, FileStorageCannotWrite, RegularFileExpected (a missing file).
-LASTING_ORTHANC_ERRORS = frozenset([13, 19, 20, 2001, 2006])
+# FullStorage, CorruptedFile, RegularFileExpected (a missing file). Not FileStorageCannotWrite
+# (2001): Orthanc's file storage answers it when its check that a storage subfolder exists and
+# its creation of that folder race with another upload creating the same folder, which a
+# second try mends.
+LASTING_ORTHANC_ERRORS = frozenset([13, 19, 20, 2006])
 # The target's codes for "cannot write a file" (a full disk, most often): CannotWriteFile,
-# FullStorage, FileStorageCannotWrite. Every instance after would fail the same way.
+# FullStorage, FileStorageCannotWrite (once retries did not mend it). Every instance after
+# would fail the same way.
 TARGET_CANNOT_STORE = frozenset([14, 19, 2001])
 
 TOO_LARGE = object()  # what OrthancClient.get_small gives for an answer it did not read

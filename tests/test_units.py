@@ -131,6 +131,10 @@ def test_version_at_least() -> None:
     (HttpStatusError("source", "GET", "/instances/x/file", 500,
                      '{"OrthancStatus": 2006, "Message": "not a regular file"}'), False),
     (HttpStatusError("target", "POST", "/instances", 500,
+                     '{"OrthancStatus": 19, "Message": "The file storage is full"}'), False),
+    (HttpStatusError("target", "POST", "/instances", 500, '{"OrthancStatus": 2001, "Message": '
+                     '"Unable to create a subdirectory or a file in the file storage"}'), True),
+    (HttpStatusError("target", "POST", "/instances", 500,
                      '{"OrthancStatus": -1, "Message": "Internal error"}'), True),
     (HttpStatusError("target", "POST", "/instances", 500, "<html>proxy error</html>"), True),
     (requests.ConnectionError("reset"), True),
@@ -198,6 +202,8 @@ def test_target_cannot_store() -> None:
     full = HttpStatusError("target", "POST", "/instances", 500, '{"OrthancStatus": 14}')
     assert replicate.target_cannot_store(full)
     assert replicate.target_cannot_store(replicate.GaveUp(full, 9))
+    racing = HttpStatusError("target", "POST", "/instances", 500, '{"OrthancStatus": 2001}')
+    assert replicate.target_cannot_store(replicate.GaveUp(racing, 9))
     assert not replicate.target_cannot_store(
         HttpStatusError("source", "GET", "/x", 500, '{"OrthancStatus": 14}'))
     assert not replicate.target_cannot_store(
