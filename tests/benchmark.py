@@ -152,8 +152,10 @@ def generate(kind: str, scale: str, cache: Path) -> list[Path]:
 
 
 def store(session, server: OrthancServer, body: bytes, content_type: str) -> None:
-    """POST /instances, tried again after a 500: twice a server here answered 500 to a ZIP
-    once (loading a corpus, posting the floor's ZIPs), which ended the whole run."""
+    """POST /instances, tried again after a 500: a fresh server here answered 500 to a ZIP
+    now and then (loading a corpus, posting the floor's ZIPs), which ended the whole run.
+    That was Orthanc's FileStorageCannotWrite, which its file storage answers when two
+    uploads race to create the same storage folder (replicate.py retries it too)."""
     for attempt in range(3):
         answer = session.post(server.url + "/instances", data=body, timeout=600,
                               headers={"Content-Type": content_type})
