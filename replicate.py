@@ -622,6 +622,7 @@ def transport_error(error: BaseException) -> BaseException:
 
 
 def json_body(value: Any) -> bytes:
+    """A JSON request body (OrthancClient.send's own `json` parameter hides the module)."""
     return json.dumps(value).encode("utf-8")
 
 
