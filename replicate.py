@@ -11,8 +11,11 @@ complete since the last run and untouched in the source's change log are not loo
 
 Exit statuses:
   0    everything selected is on the target
-  1    failures remain (instances named on stderr), or an unexpected error
-  2    usage error: bad option value, malformed URL, the same server twice, unusable save file
+  1    failures remain (instances named on stderr), the target deleted studies it had
+       stored, or an unexpected error
+  2    usage error: bad option value, malformed URL, the same server twice, unusable save
+       file; or a target set to store nothing (ReadOnly) or to delete what it receives
+       (a MaximumPatientCount or MaximumStorageSize that recycles)
   3    a server cannot be reached, refuses the credentials, or is not an Orthanc
   130  interrupted (Ctrl-C); the save file is consistent, run again to resume
 """
@@ -95,6 +98,7 @@ WAITING_MAX = 4 * BATCH_MAX_INSTANCES
 PACE_MARGIN = 2.0
 PACE_WINDOW = 0.5  # seconds of completions a rate is measured over, at least
 FAR_REQUESTS_MAX = 32
+CONFIRM_EVERY = 60.0  # --follow: seconds at least between confirmations of the target's studies
 CHECKS_MAX = 16
 # A server whose quickest answer took longer than this is across a network: bundles from it
 # are then fetched as the archives it deflates, if a sample shows they shrink to at most
@@ -150,6 +154,13 @@ class UsageError(ReplicateError):
 
 class ServerError(ReplicateError):
     exit_code = EXIT_SERVER
+
+
+class TargetRefused(ReplicateError):
+    """The target is configured to delete or refuse what it would be sent (exit 2: a setting
+    to change before any copy, like a usage error)."""
+
+    exit_code = EXIT_USAGE
 
 
 class Interrupted(Exception):
@@ -309,9 +320,12 @@ class Outcome:
     target_full: Optional[str] = None  # why the run stopped for the target's storage
     verified: Optional[int] = None  # instances --verify compared, None without --verify
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
+    verify_md5: bool = True  # False: the target transcodes, --verify looked for presence only
     metadata_written: int = 0
     checks_max: int = 0  # study checks in flight at most
     metadata_problems: list[tuple[str, str]] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # studies stored, then gone from the target
+    unconfirmed: Optional[str] = None  # why the target's studies could not be confirmed
 
     @property
     def already_there(self) -> int:
@@ -525,10 +539,13 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def target_cannot_store(error: BaseException) -> bool:
-    """Whether the target answered that it cannot write files, itself or after retries."""
+    """Whether the target answered that it cannot write files, itself or after retries, or
+    that it takes no uploads at all (HTTP 405 to a POST: a read-only Orthanc, or a proxy that
+    lets no POST through)."""
     cause = error.cause if isinstance(error, GaveUp) else error
     return (isinstance(cause, HttpStatusError) and cause.role == "target"
-            and cause.orthanc_status in TARGET_CANNOT_STORE)
+            and (cause.orthanc_status in TARGET_CANNOT_STORE
+                 or (cause.status == 405 and cause.method == "POST")))
 
 
 def describe_error(error: BaseException) -> str:
@@ -1342,10 +1359,11 @@ def sync_labels(source: OrthancClient, target: OrthancClient, level: str,
     return written, problems
 
 
-def verify_study(source: OrthancClient, target: OrthancClient, study: str,
-                 threads: int) -> tuple[int, int, list[tuple[str, str]]]:
+def verify_study(source: OrthancClient, target: OrthancClient, study: str, threads: int,
+                 compare: bool = True) -> tuple[int, int, list[tuple[str, str]]]:
     """Compare the MD5 that each server stored for every instance of a study (no file is
-    downloaded). Returns (instances checked, instances gone from the source, problems)."""
+    downloaded); without `compare` (a target that transcodes what it receives), only that
+    each is there. Returns (instances checked, instances gone from the source, problems)."""
     layout = study_layout(source, study) or {}
     instance_ids = [instance for instances in layout.values() for instance in instances]
 
@@ -1361,7 +1379,7 @@ def verify_study(source: OrthancClient, target: OrthancClient, study: str,
             vanished += 1
         elif found is None:
             problems.append((instance_id, "missing on the target"))
-        elif found != expected:
+        elif found != expected and compare:
             problems.append((instance_id, f"different on the target (MD5 {found}, "
                                           f"{expected} on the source)"))
     return len(instance_ids) - vanished, vanished, problems
@@ -1530,6 +1548,14 @@ class Journal:
         for study in redo:
             del self.studies[study]
         self.mark = (position, anchor)
+
+    def forget(self, studies: Iterable[str]) -> None:
+        """Take back studies recorded complete that are not complete any more (the target
+        lost them): the next run looks at them again."""
+        gone = [study for study in studies if study in self.studies]
+        self._write([f"redo\t{study}" for study in gone])
+        for study in gone:
+            del self.studies[study]
 
     def studies_done(self, records: list[tuple[str, int, int]]) -> None:
         """Record studies complete on the target: (study ID, instances it holds there, bytes
@@ -2316,9 +2342,11 @@ passwords, first found wins:
 
 exit statuses:
   0    everything selected is on the target
-  1    failures remain (instances named on stderr), or an unexpected error
+  1    failures remain (instances named on stderr), the target deleted studies
+       it had stored, or an unexpected error
   2    usage error: bad option value, malformed URL, the same server twice,
-       unusable save file
+       unusable save file; or a target set to store nothing (ReadOnly) or to
+       delete what it receives (a storage limit in "Recycle" mode)
   3    a server cannot be reached, refuses the credentials, or is not an Orthanc
   130  interrupted; the save file is consistent, run again to resume
 """
@@ -2458,6 +2486,128 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
 
 
+# ---- what the target does with what it accepts ----------------------------------------------
+MIB = 1024 * 1024  # Orthanc's MaximumStorageSize is in these
+
+
+def storage_limits(system: dict) -> list[str]:
+    """The storage limits a target's GET /system reports (Orthanc 1.12 and newer; older ones
+    report none), as a person would write them in its configuration."""
+    limits = []
+    if int(system.get("MaximumPatientCount") or 0):
+        limits.append(f"MaximumPatientCount {system['MaximumPatientCount']}")
+    if int(system.get("MaximumStorageSize") or 0):
+        limits.append(f"MaximumStorageSize {system['MaximumStorageSize']} (MB)")
+    return limits
+
+
+def recycles(system: dict) -> bool:
+    """Whether the target deletes its oldest patients to make room (a limit in the default
+    "Recycle" mode)."""
+    return bool(storage_limits(system)) and system.get("MaximumStorageMode",
+                                                       "Recycle") == "Recycle"
+
+
+def room_problem(system: dict, source_statistics: dict,
+                 target_statistics: dict) -> Optional[str]:
+    """Which of the target's limits what it holds and the whole source could exceed, or None
+    when both fit. The source's uncompressed size is an upper bound of what the target will
+    store (Orthanc counts what it writes, compressed or not)."""
+    patients = int(system.get("MaximumPatientCount") or 0)
+    wanted = int(target_statistics["CountPatients"]) + int(source_statistics["CountPatients"])
+    if patients and wanted > patients:
+        return (f"its MaximumPatientCount is {patients}, and it holds "
+                f"{format_count(int(target_statistics['CountPatients']))} patients to which "
+                f"the source adds up to {format_count(int(source_statistics['CountPatients']))}")
+    size = int(system.get("MaximumStorageSize") or 0) * MIB
+    wanted = (int(target_statistics["TotalDiskSize"])
+              + int(source_statistics["TotalUncompressedSize"]))
+    if size and wanted > size:
+        return (f"its MaximumStorageSize is {system['MaximumStorageSize']} MB, and it holds "
+                f"{format_bytes(int(target_statistics['TotalDiskSize']))} to which the source "
+                f"adds up to {format_bytes(int(source_statistics['TotalUncompressedSize']))}")
+    return None
+
+
+def preflight(source: OrthancClient, target: OrthancClient, metadata: bool) -> list[str]:
+    """Look at the target's settings before anything is copied (Orthanc 1.12 and newer tell
+    them in GET /system; older ones tell nothing, and only the confirmation at the end of the
+    run can notice a loss). Raises TargetRefused for a target that stores nothing or would
+    delete what it receives; returns the warnings to give once."""
+    system = target.system
+    if system.get("ReadOnly"):
+        raise TargetRefused(f"target {target.endpoint.url} is read-only (\"ReadOnly\": true "
+                            "in its configuration) and stores nothing; set ReadOnly to false "
+                            "and restart it")
+    warnings: list[str] = []
+    if storage_limits(system):
+        problem = room_problem(system, source.get("/statistics"), target.get("/statistics"))
+        if problem and recycles(system):
+            raise TargetRefused(
+                f"target {target.endpoint.url} would delete what it receives: {problem}, and "
+                "its MaximumStorageMode \"Recycle\" deletes its oldest patients to make room; "
+                "set MaximumPatientCount and MaximumStorageSize to 0 (no limit) in its "
+                "configuration, or raise them, and restart it")
+        if problem:
+            warnings.append(f"the target refuses what exceeds its limits (MaximumStorageMode "
+                            f"\"{system.get('MaximumStorageMode')}\"): {problem}; the copy "
+                            "will stop there")
+    transcoding = system.get("IngestTranscoding")
+    if transcoding:
+        warnings.append(f"the target transcodes what it receives to {transcoding} "
+                        "(IngestTranscoding): its files will differ from the source's, so "
+                        "--verify checks that each instance is there, not its MD5")
+    declared, accepted = source.system.get("UserMetadata"), system.get("UserMetadata")
+    if metadata and isinstance(declared, dict) and isinstance(accepted, dict):
+        lacking = sorted(name for name in declared if name not in accepted
+                         and not name.isdigit())
+        if lacking:
+            warnings.append(f"the source declares user metadata that the target does not "
+                            f"({', '.join(lacking)}): their values will fail to copy until "
+                            "the target declares them in UserMetadata")
+    if metadata and source.system.get("HasLabels") and not system.get("HasLabels"):
+        labels = source.get("/tools/labels")
+        if labels:
+            warnings.append(f"the source uses {len(labels)} labels that the target (Orthanc "
+                            f"{target.version}) cannot store: they will not be copied, and "
+                            "the run will end with exit status 1")
+    return warnings
+
+
+def lost_studies(target: OrthancClient, complete: Iterable[str]) -> list[str]:
+    """The studies of `complete` (recorded complete in the save file) that the target no
+    longer lists: one listing of the target's studies, whatever the number of instances."""
+    listed = set(target.whole("GET", "/studies"))
+    return [study for study in complete if study not in listed]
+
+
+def lost_line(lost: list[str], system: dict) -> str:
+    """The line that says the target deleted studies it had stored, and what may do that."""
+    limits = storage_limits(system)
+    cause = (f"its {' and '.join(limits)} in MaximumStorageMode "
+             f"\"{system.get('MaximumStorageMode', 'Recycle')}\"" if limits else
+             "a storage limit in \"Recycle\" mode (MaximumStorageSize, MaximumPatientCount), "
+             "or someone deleting on the target")
+    return (f"the target deleted {format_count(len(lost))} "
+            f"{'study' if len(lost) == 1 else 'studies'} after storing them ({lost[0]}"
+            f"{' ...' if len(lost) > 1 else ''}): {cause}; the save file no longer counts them "
+            "as complete, and no run can end well while the target deletes what it receives")
+
+
+def cannot_store_line(reason: str, system: dict) -> str:
+    """The line that stops a run whose target cannot store files."""
+    if "HTTP 405 to POST" in reason:
+        return (f"stopped: the target takes no uploads ({reason}); is it read-only (ReadOnly "
+                "in its configuration), or does a proxy in front of it refuse POST?")
+    limits = storage_limits(system)
+    if limits and system.get("MaximumStorageMode") == "Reject":
+        return (f"stopped: the target refuses to store more ({reason}): its "
+                f"{' or '.join(limits)} with MaximumStorageMode \"Reject\" is reached; raise "
+                "it in its configuration or make room, then run the same command again")
+    return (f"stopped: the target cannot store files ({reason}); is its disk full? Make room, "
+            "then run the same command again")
+
+
 # ---- main -----------------------------------------------------------------------------------
 def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> OrthancClient:
     """A checked client; asks for the password on a terminal if the server refuses the default."""
@@ -2495,7 +2645,12 @@ def summary_lines(outcome: Outcome, elapsed: float) -> list[str]:
                      f"{format_count(len(outcome.metadata_problems))} problems")
     if outcome.verified is not None:
         lines.append(f"Verified:      {format_count(outcome.verified)} instances, "
-                     f"{format_count(len(outcome.verify_problems))} missing or different")
+                     f"{format_count(len(outcome.verify_problems))} missing or different"
+                     + ("" if outcome.verify_md5 else " (present; MD5s not compared: the "
+                        "target transcodes what it receives)"))
+    if outcome.lost:
+        lines.append(f"Lost:          {format_count(len(outcome.lost))} studies the target "
+                     "deleted after storing them")
     if outcome.vanished:
         lines.append(f"Vanished:      {format_count(outcome.vanished)} instances deleted from "
                      "the source during the run")
@@ -2533,11 +2688,16 @@ class Run:
         self.outcome = Outcome()
         self.started = False  # whether the walk began: the summary then says what it did
         self.selected: Optional[list[str]] = None
+        # --follow: when the target's studies were last confirmed, and whether studies were
+        # copied since
+        self.confirmed = 0.0
+        self.unconfirmed = False
 
     def execute(self) -> None:
         config, outcome = self.config, self.outcome
         self.source = source = connect(config.source, config, self.stop)
         self.target = target = connect(config.target, config, self.stop)
+        warnings = preflight(source, target, config.metadata)  # before the save file is made
         self.journal = journal = Journal(config.save, config.source.url,
                                          config.target.url).open(read_only=config.dry_run)
         limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
@@ -2547,6 +2707,8 @@ class Run:
         try:
             self.say(f"Source:        {config.source.url} (Orthanc {source.version})")
             self.say(f"Target:        {config.target.url} (Orthanc {target.version})")
+            for warning in warnings:
+                log.warning("warning: %s", warning)
             if journal.studies:
                 self.say(f"Save file:     {config.save}: {format_count(len(journal.studies))} "
                          "studies completed by earlier runs")
@@ -2596,9 +2758,10 @@ class Run:
             if metadata is not None:
                 self.copy_metadata(metadata.result())
                 self.copy_labels()
+            self.confirm()
             if config.verify:
                 self.verify(studies, statistics)
-            if config.follow and not outcome.target_full and not (
+            if config.follow and not outcome.target_full and not outcome.lost and not (
                     outcome.failed and not config.ignore_errors):
                 self.follow(position)
         except KeyboardInterrupt:
@@ -2651,6 +2814,25 @@ class Run:
         # run it is several records per instance, all to be read before metadata is synced.
         return background.submit(read_changes, source, since, metadata, position)
 
+    def confirm(self) -> None:
+        """Whether every selected study the save file records complete is still on the target:
+        a target that recycles (Orthanc before 1.12 does not say it does), or anyone deleting
+        there, takes studies after they were stored. Those gone are taken back in the save
+        file and counted in `outcome.lost`. One request to the target, whatever the archive."""
+        self.confirmed = time.monotonic()
+        chosen = None if self.selected is None else set(self.selected)
+        try:
+            lost = lost_studies(self.target, (study for study in self.journal.studies
+                                              if chosen is None or study in chosen))
+        except (GaveUp, HttpStatusError) as error:
+            # Not known: not a success either.
+            self.outcome.unconfirmed = describe_error(error)
+            return
+        self.outcome.unconfirmed = None
+        if lost:
+            self.journal.forget(lost)
+            self.outcome.lost.extend(lost)
+
     def link_report(self) -> Optional[dict]:
         """What the run measured of the way to each server and chose from it."""
         copier = getattr(self, "copier", None)
@@ -2671,12 +2853,14 @@ class Run:
         """--verify: the stored MD5 of every instance of every study, on both servers."""
         outcome = self.outcome
         outcome.verified = 0
+        outcome.verify_md5 = not self.target.system.get("IngestTranscoding")
         self.progress.start(None if statistics is None else int(statistics["CountInstances"]),
                             "verifying")
         try:
             for study in studies:
                 checked, gone, problems = verify_study(self.source, self.target, study,
-                                                       self.config.threads)
+                                                       self.config.threads,
+                                                       outcome.verify_md5)
                 outcome.verified += checked
                 outcome.vanished += gone
                 outcome.verify_problems.extend(problems)
@@ -2792,7 +2976,13 @@ class Run:
             if copied or failed:
                 log.info("%s: copied %d new instances (%s), %d failed",
                          time.strftime("%H:%M:%S"), copied, format_bytes(copied_bytes), failed)
+            self.unconfirmed = self.unconfirmed or bool(copied)
             if outcome.interrupted or outcome.target_full or (failed and not config.ignore_errors):
+                return None
+        if self.unconfirmed and time.monotonic() - self.confirmed >= CONFIRM_EVERY:
+            self.unconfirmed = False
+            self.confirm()
+            if outcome.lost:
                 return None
         if config.metadata:
             self.copy_metadata(changes, every_known=False)
@@ -2823,6 +3013,8 @@ def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int
                     "instances": outcome.missing, "bytes": outcome.missing_bytes}
         if run.started else None,
         "vanished": outcome.vanished,
+        "lost_studies": outcome.lost,
+        "unconfirmed": outcome.unconfirmed,
         "interrupted": outcome.interrupted,
         "metadata": {"written": outcome.metadata_written,
                      "problems": [{"id": resource, "reason": reason}
@@ -2868,10 +3060,16 @@ def replicate(config: Config, stop: threading.Event) -> int:
                   "stopped following" if config.follow else "interrupted", outcome.copied,
                   "follow on" if config.follow else "resume")
         code = EXIT_INTERRUPTED
-    elif outcome.failed or outcome.verify_problems or outcome.metadata_problems:
+    elif (outcome.failed or outcome.verify_problems or outcome.metadata_problems
+          or outcome.lost or outcome.unconfirmed):
+        system = run.target.system
+        if outcome.lost:
+            log.error("%s", lost_line(outcome.lost, system))
+        if outcome.unconfirmed:
+            log.error("could not list the target's studies to confirm that it kept what it "
+                      "stored (%s); run the same command again", outcome.unconfirmed)
         if outcome.target_full:
-            log.error("stopped: the target cannot store files (%s); is its disk full? Make room, "
-                      "then run the same command again", outcome.target_full)
+            log.error("%s", cannot_store_line(outcome.target_full, system))
         elif outcome.stopped_on_failure and not config.ignore_errors:
             instance_id, reason = outcome.failed[0]
             log.error("stopped at the first failure: %s %s: %s (--ignore-errors goes on)",

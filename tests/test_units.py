@@ -531,3 +531,64 @@ def test_stored_zip_is_a_zip_that_zipfile_reads_back() -> None:
     assert [(info.filename, info.compress_type) for info in archive.infolist()] == \
         [(name, zipfile.ZIP_STORED) for name, _ in files]
     assert [archive.read(name) for name, _ in files] == [content for _, content in files]
+
+
+# ---- what the target does with what it accepts ----------------------------------------------
+RECYCLING = {"MaximumPatientCount": 4, "MaximumStorageSize": 0, "MaximumStorageMode": "Recycle"}
+SOURCE_STATISTICS = {"CountPatients": "3", "TotalUncompressedSize": str(300 * 1024 * 1024)}
+
+
+def target_statistics(patients: int, disk: int) -> dict:
+    return {"CountPatients": patients, "TotalDiskSize": str(disk)}
+
+
+def test_storage_limits_and_recycling_as_orthanc_reports_them() -> None:
+    assert replicate.storage_limits({}) == []  # Orthanc before 1.12 reports nothing
+    assert replicate.storage_limits(RECYCLING) == ["MaximumPatientCount 4"]
+    assert replicate.recycles(RECYCLING)
+    assert not replicate.recycles({**RECYCLING, "MaximumStorageMode": "Reject"})
+    assert not replicate.recycles({"MaximumPatientCount": 0, "MaximumStorageSize": 0,
+                                   "MaximumStorageMode": "Recycle"})
+
+
+def test_room_problem_counts_what_the_target_holds_and_what_the_source_adds() -> None:
+    assert replicate.room_problem(RECYCLING, SOURCE_STATISTICS, target_statistics(1, 0)) is None
+    problem = replicate.room_problem(RECYCLING, SOURCE_STATISTICS, target_statistics(2, 0))
+    assert problem is not None and "MaximumPatientCount is 4" in problem
+    sized = {"MaximumStorageSize": 400, "MaximumStorageMode": "Recycle"}  # MB, as configured
+    assert replicate.room_problem(sized, SOURCE_STATISTICS,
+                                  target_statistics(0, 100 * 1024 * 1024)) is None
+    problem = replicate.room_problem(sized, SOURCE_STATISTICS,
+                                     target_statistics(0, 100 * 1024 * 1024 + 1))
+    assert problem is not None and "MaximumStorageSize is 400 MB" in problem
+
+
+def test_a_405_to_an_upload_means_the_target_stores_nothing() -> None:
+    refused = HttpStatusError("target", "POST", "/instances", 405, "")
+    assert replicate.target_cannot_store(refused)
+    assert not replicate.target_cannot_store(HttpStatusError("target", "GET", "/x", 405, ""))
+    assert not replicate.target_cannot_store(HttpStatusError("source", "POST", "/x", 405, ""))
+    assert "takes no uploads" in replicate.cannot_store_line(str(refused), {})
+    full = str(HttpStatusError("target", "POST", "/instances", 507, '{"OrthancStatus": 19}'))
+    assert "is its disk full?" in replicate.cannot_store_line(full, {})
+    rejecting = {"MaximumStorageSize": 1, "MaximumStorageMode": "Reject"}
+    assert "MaximumStorageSize 1 (MB) with MaximumStorageMode \"Reject\" is reached" in \
+        replicate.cannot_store_line(full, rejecting)
+
+
+def test_lost_line_names_the_settings_or_someone_deleting() -> None:
+    line = replicate.lost_line(["a", "b"], {})
+    assert line.startswith("the target deleted 2 studies after storing them (a ...)")
+    assert "MaximumPatientCount" in line and "someone deleting on the target" in line
+    assert "its MaximumPatientCount 4 in MaximumStorageMode \"Recycle\"" in \
+        replicate.lost_line(["a"], RECYCLING)
+
+
+def test_journal_forgets_studies_the_target_lost(tmp_path: Path) -> None:
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a", "http://b").open()
+    journal.studies_done([("kept", 3, 10), ("lost", 2, 10)])
+    journal.forget(["lost", "never-recorded"])
+    journal.close()
+    assert Journal(path, "http://a", "http://b").open(read_only=True).studies == {"kept": 3}
+    assert path.read_text().count("redo\t") == 1
