@@ -42,7 +42,7 @@ import urllib.parse
 import warnings
 import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from collections import Counter, deque
@@ -135,6 +135,7 @@ LASTING_ORTHANC_ERRORS = frozenset([13, 19, 20, 2006])
 TARGET_CANNOT_STORE = frozenset([14, 19, 2001])
 
 TOO_LARGE = object()  # what OrthancClient.get_small gives for an answer it did not read
+TOO_LARGE_ANSWER = "target answered HTTP 413"  # a proxy's body limit, in a failure's reason
 
 log = logging.getLogger("replicate")
 A = TypeVar("A")
@@ -181,6 +182,9 @@ class HttpStatusError(Exception):
         if isinstance(answer, dict) and "OrthancStatus" in answer:
             self.orthanc_status = answer["OrthancStatus"]
             detail = str(answer.get("Details") or answer.get("Message") or "")
+        elif "<" in detail:  # a proxy's HTML page: its title, or its text
+            title = re.search(r"<title>(.*?)</title>", detail, re.IGNORECASE | re.DOTALL)
+            detail = title.group(1) if title else re.sub(r"<[^>]*>", " ", detail)
         detail = " ".join(detail.split())[:200]
         super().__init__(f"{role} answered HTTP {status} to {method} {path}"
                          + (f" ({detail})" if detail else ""))
@@ -202,11 +206,14 @@ class Endpoint:
     role: str
     url: str
     username: str
-    password: str
+    password: str = field(repr=False)
     password_given: bool = True
+    # (name, value) sent with every request: a proxy's API key or token (--header)
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    cert: Any = None  # a client certificate: its file, or (certificate, key) files
 
     def with_password(self, password: str) -> "Endpoint":
-        return Endpoint(self.role, self.url, self.username, password, True)
+        return replace(self, password=password, password_given=True)
 
 
 @dataclass(frozen=True)
@@ -237,7 +244,7 @@ class Config:
     dry_run: bool = False
     query: dict[str, str] = field(default_factory=dict)
     studies: list[str] = field(default_factory=list)
-    bwlimit: Optional[float] = None  # bytes per second
+    bwlimit: Optional["Timetable"] = None  # bytes per second to the target, by time of day
     metadata: bool = True
     report: Optional[Path] = None
     follow: bool = False
@@ -326,6 +333,7 @@ class Outcome:
     metadata_problems: list[tuple[str, str]] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)  # studies stored, then gone from the target
     unconfirmed: Optional[str] = None  # why the target's studies could not be confirmed
+    too_large: list[int] = field(default_factory=list)  # sizes of the instances refused (413)
 
     @property
     def already_there(self) -> int:
@@ -360,6 +368,65 @@ def parse_rate(text: str) -> float:
     if not value > 0:
         raise UsageError(f"--bwlimit {text!r} must be more than 0")
     return value * RATE_UNITS[unit]
+
+
+@dataclass(frozen=True)
+class Timetable:
+    """--bwlimit: bytes per second by time of day, as rclone writes it ("08:00,512K 19:00,off":
+    512 KB/s from 8 in the morning, no limit from 7 in the evening), or one rate all day.
+    `entries`: (minute of the day, rate or None for no limit), in order."""
+
+    entries: tuple[tuple[int, Optional[float]], ...]
+    text: str
+
+    def rate_at(self, minute: int) -> Optional[float]:
+        """The rate in force at that minute of the day: the last entry at or before it, or,
+        before the first entry, the day's last one (it goes on overnight)."""
+        rate = self.entries[-1][1]
+        for start, entry_rate in self.entries:
+            if start > minute:
+                break
+            rate = entry_rate
+        return rate
+
+
+TIMETABLE_ENTRY = re.compile(r"(\d{1,2}):(\d{2}),(\S+)")
+
+
+def parse_bwlimit(text: str) -> Optional[Timetable]:
+    """A plain rate (`10M`), `off`, or rclone's timetable of `HH:MM,RATE` entries (a RATE may
+    be `off`), separated by spaces. None: no limit at any time."""
+    words = text.split()
+    if len(words) == 1 and "," not in words[0]:
+        if words[0].lower() == "off":
+            return None
+        return Timetable(((0, parse_rate(words[0])),), text)
+    entries: dict[int, Optional[float]] = {}
+    for word in words:
+        match = TIMETABLE_ENTRY.fullmatch(word)
+        if not match or int(match[1]) > 23 or int(match[2]) > 59:
+            raise UsageError(f"--bwlimit {word!r}: each entry of a timetable is HH:MM,RATE or "
+                             "HH:MM,off, like \"08:00,512K 19:00,off\" (days of the week and "
+                             "separate upload:download rates are not supported)")
+        minute = int(match[1]) * 60 + int(match[2])
+        if minute in entries:
+            raise UsageError(f"--bwlimit: {match[1]}:{match[2]} is given twice")
+        entries[minute] = None if match[3].lower() == "off" else parse_rate(match[3])
+    if not entries:
+        raise UsageError("--bwlimit is empty; give a rate like 10M or a timetable")
+    if all(rate is None for rate in entries.values()):
+        return None
+    return Timetable(tuple(sorted(entries.items())), text)
+
+
+def local_minute() -> int:
+    """The minute of the day on this machine's clock, which --bwlimit's timetable follows."""
+    now = time.localtime()
+    return now.tm_hour * 60 + now.tm_min
+
+
+def describe_rate(rate: Optional[float]) -> str:
+    return "no limit" if rate is None else f"{format_bytes(rate)}/s"
 
 
 def parse_query(items: list[str]) -> dict[str, str]:
@@ -438,6 +505,66 @@ def pick_credentials(role: str, url_text: str, username_flag: Optional[str],
     given = password is not None
     username = username_flag or url_user or shared_username
     return Endpoint(role, url, username, password if given else "orthanc", given)
+
+
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+HEADER_FORM = ('"Name: value", "Name: env:VARIABLE" (the value from the environment) or '
+               '"Name: @FILE" (the value in a file)')
+
+
+def parse_header(text: str, option: str, environ: dict) -> tuple[str, str]:
+    """One --header: `Name: value`, `Name: env:VARIABLE` or `Name: @FILE`, so that a token
+    need never be on the command line. Messages never show a value."""
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not HEADER_NAME.fullmatch(name):
+        raise UsageError(f"{option} takes {HEADER_FORM}; what was given is not shown")
+    if value.startswith("env:"):
+        variable = value[4:]
+        if variable not in environ:
+            raise UsageError(f"{option} {name}: the environment variable {variable} is not set")
+        value = environ[variable].strip()
+    elif value.startswith("@"):
+        try:
+            value = Path(value[1:]).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"{option} {name}: cannot read {value[1:]}: "
+                             f"{getattr(error, 'strerror', None) or 'not text'}") from None
+    if not value or "\n" in value or "\r" in value:
+        raise UsageError(f"{option} {name}: the value is empty or spans several lines")
+    return name, value
+
+
+def pick_headers(shared: list[str], own: list[str], role: str,
+                 environ: dict) -> tuple[tuple[str, str], ...]:
+    """--header for both servers, then --ROLE-header, which wins for the same name."""
+    chosen: dict[str, tuple[str, str]] = {}
+    for option, texts in (("--header", shared), (f"--{role}-header", own)):
+        for text in texts:
+            name, value = parse_header(text, option, environ)
+            chosen[name.lower()] = (name, value)
+    return tuple(chosen.values())
+
+
+SECRET_OPTIONS = ("--password", "--source-password", "--target-password", "--header",
+                  "--source-header", "--target-header")
+
+
+def secret_arguments(argv: list[str]) -> list[str]:
+    """What on a command line may be a secret, to keep out of messages even when an option
+    is mistyped: the values of the password and header options (as argparse takes them:
+    abbreviated, or joined by =), and anything shaped like a header."""
+    secrets = []
+    for index, token in enumerate(argv):
+        option, equals, value = token.partition("=")
+        if len(option) > 3 and any(name.startswith(option) for name in SECRET_OPTIONS):
+            if equals:
+                secrets.append(value)
+            elif index + 1 < len(argv):
+                secrets.append(argv[index + 1])
+        elif "://" not in token and re.match(HEADER_NAME.pattern + r"\s*:\s*\S", token):
+            secrets.append(token)
+    return [secret for secret in secrets if secret]
 
 
 def missing_instances(listed: Iterable[tuple[str, Optional[int]]], present: Collection[str],
@@ -707,6 +834,11 @@ class OrthancClient:
             "Accept": "*/*"})
         requests.auth.HTTPBasicAuth(endpoint.username, endpoint.password)(template)
         self.headers = dict(template.headers)
+        # A proxy's own headers (--header) go with every request; an Authorization header
+        # given there replaces the basic credentials.
+        self.headers.update(endpoint.headers)
+        self.basic_auth = not any(name.lower() == "authorization"
+                                  for name, _ in endpoint.headers)
         self.prefix = urllib.parse.urlsplit(endpoint.url).path.rstrip("/")
         self.timeout = urllib3.Timeout(connect=min(10.0, policy.timeout), read=policy.timeout)
         self.find_caps: dict[str, Optional[int]] = {}  # level -> what its finds return at most
@@ -721,7 +853,10 @@ class OrthancClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            session.auth = (self.endpoint.username, self.endpoint.password)
+            if self.basic_auth:
+                session.auth = (self.endpoint.username, self.endpoint.password)
+            session.headers.update(self.endpoint.headers)
+            session.cert = self.endpoint.cert
             # Orthanc 1.10 deflates every answer when asked to, which is slower than the network.
             session.headers["Accept-Encoding"] = "identity"
             session.headers["User-Agent"] = f"replicate.py/{__version__}"
@@ -742,12 +877,14 @@ class OrthancClient:
         if pool is None:
             url = self.endpoint.url
             adapter = self.session().get_adapter(url)
+            cert = self.endpoint.cert
             if hasattr(adapter, "get_connection_with_tls_context"):  # requests 2.32 and later
                 pool = adapter.get_connection_with_tls_context(
-                    requests.Request("GET", url).prepare(), self.tls_verify, proxies={})
+                    requests.Request("GET", url).prepare(), self.tls_verify, proxies={},
+                    cert=cert)
             else:
                 pool = adapter.get_connection(url, proxies={})
-            adapter.cert_verify(pool, url, self.tls_verify, None)
+            adapter.cert_verify(pool, url, self.tls_verify, cert)
             self._local.pool = pool
         return pool
 
@@ -912,9 +1049,19 @@ class OrthancClient:
             raise ServerError(f"cannot reach {self.role} {url}: {describe_error(error)}"
                               ) from error
         if response.status_code in (401, 403):
-            raise ServerError(f"{self.role} {url} refused the credentials of user "
-                              f"{self.endpoint.username!r} (HTTP {response.status_code}); "
-                              f"check --{self.role}-username/--{self.role}-password")
+            headers = ", ".join(name for name, _ in self.endpoint.headers)
+            raise ServerError(
+                f"{self.role} {url} refused the credentials of user "
+                f"{self.endpoint.username!r}" + (f" and the headers {headers}" if headers else "")
+                + f" (HTTP {response.status_code}); check --{self.role}-username/--{self.role}-"
+                f"password, or, behind a proxy that wants an API key or a token, "
+                f"--{self.role}-header")
+        if response.status_code == 400 and CLIENT_CERT_REFUSED.search(response.text[:4096]):
+            sent = "none was sent" if self.endpoint.cert is None else "it refused the one sent"
+            raise ServerError(f"{self.role} {url} wants a client certificate ({sent}; HTTP 400 "
+                              f"from a proxy in front of it); give it with --client-cert and "
+                              f"--client-key, or --{self.role}-client-cert and "
+                              f"--{self.role}-client-key")
         try:
             system = response.json() if response.status_code == 200 else None
         except ValueError:
@@ -930,8 +1077,18 @@ class OrthancClient:
         return str(self.system.get("Version", "?"))
 
 
+# What nginx answers (HTTP 400) when it wants a client certificate and got none, or one it
+# does not accept.
+CLIENT_CERT_REFUSED = re.compile(r"No required SSL certificate was sent|SSL certificate error")
+
+
 def describe_tls_error(error: BaseException) -> str:
     text = str(error)
+    if "CERTIFICATE_REQUIRED" in text or "certificate required" in text:
+        return "the server wants a client certificate; see --client-cert"
+    if any(alert in text for alert in ("UNKNOWN_CA", "unknown ca", "BAD_CERTIFICATE",
+                                       "bad certificate")):
+        return "the server refused the client certificate"
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return "certificate verify failed"
     if "WRONG_VERSION_NUMBER" in text:
@@ -1575,20 +1732,37 @@ class Journal:
 class RateLimiter:
     """Paces bytes to `rate` per second across all workers together. Each block is given the
     next free slot of the shared timeline (virtual scheduling), so the flow is smooth rather
-    than bursty; at most `burst` seconds of idleness are made up for. The clock and the sleep
-    are injected so tests need no real time."""
+    than bursty; at most `burst` seconds of idleness are made up for. A timetable's rate is
+    read at each block, so a change of rate takes effect within a block. The clocks and the
+    sleep are injected so tests need no real time."""
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Any] = time.sleep, burst: float = 0.05) -> None:
-        self.rate, self.clock, self.sleep, self.burst = rate, clock, sleep, burst
+    def __init__(self, rate: "float | Timetable", clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Any] = time.sleep, burst: float = 0.05,
+                 minute: Callable[[], int] = local_minute) -> None:
+        self.timetable = rate if isinstance(rate, Timetable) else \
+            Timetable(((0, float(rate)),), str(rate))
+        self.clock, self.sleep, self.burst, self.minute = clock, sleep, burst, minute
         self.next_free = clock()
         self.lock = threading.Lock()
+        self.in_force = self.rate  # the rate of the last block, to tell a change
+
+    @property
+    def rate(self) -> Optional[float]:
+        """Bytes per second now; None: no limit now."""
+        return self.timetable.rate_at(self.minute())
 
     def take(self, count: int) -> None:
+        rate = self.rate
+        if rate != self.in_force:
+            self.in_force = rate
+            log.info("%s: bandwidth limit now %s (--bwlimit %s)", time.strftime("%H:%M:%S"),
+                     describe_rate(rate), self.timetable.text)
+        if rate is None:
+            return
         with self.lock:
             now = self.clock()
             start = max(self.next_free, now - self.burst)
-            self.next_free = start + count / self.rate
+            self.next_free = start + count / rate
         if start > now:
             self.sleep(start - now)
 
@@ -1733,6 +1907,9 @@ class Copier:
         self.downloads = 0  # file downloads in flight now, and at most (for the report)
         self.downloads_max = 0
         self.fetching = 0  # workers fetching the files of a bundle
+        # The smallest batch (bytes of its files) that the target, or a proxy in front of it,
+        # refused as too large (HTTP 413): batches as large are split before they are sent.
+        self.too_large = float("inf")
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -1741,12 +1918,20 @@ class Copier:
     def copy(self, batch: Batch) -> BatchResult:
         if batch.mode == "single":
             return self.copy_singles(batch, batch.instances)
+        if len(batch.instances) > 1 and batch.size >= self.too_large:
+            return self.copy_halves(batch)
         result = BatchResult(batch)
         what = f"copy of {len(batch.instances)} instances ({batch.instances[0].id} ...)"
         try:
             answers = call_with_retries(lambda: self.upload_zip(batch), what, self.policy,
                                         self.stop)
         except HttpStatusError as error:
+            if error.status == 413 and len(batch.instances) > 1:
+                # A proxy's body limit (nginx's is 1 MB by default): halves, until they pass.
+                with self.lock:
+                    self.too_large = min(self.too_large, batch.size)
+                log.debug("%s: %s; sending it in halves", what, error)
+                return self.copy_halves(batch)
             # A refused batch is retried instance by instance, so that the culprit is named.
             log.debug("%s: %s; copying them one by one", what, error)
             return self.copy_singles(batch, batch.instances)
@@ -1770,6 +1955,17 @@ class Copier:
             single = self.copy_singles(batch, unconfirmed)
             for name in ("stored", "already", "failed", "vanished"):
                 getattr(result, name).extend(getattr(single, name))
+        return result
+
+    def copy_halves(self, batch: Batch) -> BatchResult:
+        """A batch too large for the target's proxy, sent as two."""
+        middle = len(batch.instances) // 2
+        result = BatchResult(batch)
+        for half in (batch.instances[:middle], batch.instances[middle:]):
+            part = self.copy(Batch(batch.mode, half))
+            for name in ("stored", "already", "failed", "vanished"):
+                getattr(result, name).extend(getattr(part, name))
+            result.target_full = result.target_full or part.target_full
         return result
 
     def copy_singles(self, batch: Batch, instances: list[Instance]) -> BatchResult:
@@ -2277,6 +2473,8 @@ class Walk:
         outcome.vanished += len(result.vanished)
         for instance, reason in result.failed:
             outcome.failed.append((instance.id, reason))
+            if TOO_LARGE_ANSWER in reason:
+                outcome.too_large.append(instance.size)
             open_studies[instance.study][3] = True
             log.error("copy failed: instance %s (study %s): %s", instance.id,
                       instance.study, reason)
@@ -2298,9 +2496,11 @@ class Walk:
                               + len(result.failed), self.progress_text)
 
     def progress_text(self) -> str:
-        outcome = self.outcome
+        outcome, limiter = self.outcome, self.copier.limiter
         return (f"{format_count(outcome.copied)} copied, {format_bytes(outcome.copied_bytes)}"
-                + (f", {format_count(len(outcome.failed))} failed" if outcome.failed else ""))
+                + (f", {format_count(len(outcome.failed))} failed" if outcome.failed else "")
+                + ("" if limiter is None else ", no bandwidth limit now"
+                   if limiter.in_force is None else f", limit {describe_rate(limiter.in_force)}"))
 
 
 # ---- argument parsing -----------------------------------------------------------------------
@@ -2328,9 +2528,18 @@ def positive_float(text: str) -> float:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting,
+    and never repeats a password or a header value in it (`secrets`, see secret_arguments)."""
+
+    secrets: list[str] = []
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):  # name the options, not the values
+            words = [word for word in message.split(":", 1)[1].split() if word.startswith("-")]
+            message = ("unrecognized arguments: " + " ".join(words) + " (values not shown)"
+                       if words else "unrecognized arguments (not shown)")
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            message = message.replace(secret, "***")
         raise UsageError(f"{message} (see --help)")
 
 
@@ -2393,7 +2602,9 @@ def _setup_argparser() -> ArgumentParser:
                           "the save file (default: off)")
     run.add_argument("--bwlimit", metavar="RATE", default=None,
                      help="total bytes per second sent to the target across all threads, like "
-                          "512K, 10M, 1G (binary units) (default: no limit)")
+                          "512K, 10M, 1G (binary units), or a timetable by this machine's "
+                          "clock, as rclone writes it: \"08:00,512K 19:00,off\" (512 KB/s by "
+                          "day, no limit from 19:00 until 08:00) (default: no limit)")
     run.add_argument("--no-metadata", action="store_true",
                      help="do not copy user metadata, user attachments (index 1024-65535) "
                           "and labels (default: copy them)")
@@ -2419,6 +2630,17 @@ def _setup_argparser() -> ArgumentParser:
                           "system's)")
     tls.add_argument("--insecure", action="store_true",
                      help="do not check TLS certificates at all (default: check them)")
+    tls.add_argument("--client-cert", metavar="FILE", default=None,
+                     help="PEM client certificate for both servers, for a proxy or server that "
+                          "asks for one; with the key in it, or in --client-key (default: none)")
+    tls.add_argument("--client-key", metavar="FILE", default=None,
+                     help="PEM private key of --client-cert, unencrypted (default: in the "
+                          "certificate's file)")
+    for role in ("source", "target"):
+        tls.add_argument(f"--{role}-client-cert", metavar="FILE", default=None,
+                         help=f"client certificate for the {role} only (default: --client-cert)")
+        tls.add_argument(f"--{role}-client-key", metavar="FILE", default=None,
+                         help=f"its key (default: --client-key)")
     auth = parser.add_argument_group("credentials")
     auth.add_argument("--username", default="orthanc",
                       help="user name for both servers (default: orthanc)")
@@ -2431,6 +2653,15 @@ def _setup_argparser() -> ArgumentParser:
         auth.add_argument(f"--{role}-password", default=None, metavar="PASSWORD",
                           help=f"password for the {role} (default: REPLICATE_{role.upper()}"
                                "_PASSWORD, the URL, --password)")
+    auth.add_argument("--header", action="append", default=[], metavar='"NAME: VALUE"',
+                      help="an HTTP header for both servers, such as a proxy's API key or "
+                           "token; the value may be env:VARIABLE (read from the environment) "
+                           "or @FILE (read from a file), so that it is never on the command "
+                           "line; repeatable; values are never printed or saved")
+    for role in ("source", "target"):
+        auth.add_argument(f"--{role}-header", action="append", default=[],
+                          metavar='"NAME: VALUE"',
+                          help=f"a header for the {role} only, same forms; repeatable")
     auth.add_argument("--no-prompt", action="store_true",
                       help="never ask for a password on the terminal (default: ask when a "
                            "server refuses and no password was given)")
@@ -2444,12 +2675,32 @@ def _setup_argparser() -> ArgumentParser:
     return parser
 
 
+def pick_cert(args: argparse.Namespace, role: str) -> Any:
+    """The client certificate for one server, as requests takes it: a file, (file, key), or
+    None."""
+    cert = getattr(args, f"{role}_client_cert") or args.client_cert
+    key = getattr(args, f"{role}_client_key") or args.client_key
+    if key and not cert:
+        raise UsageError(f"--{role}-client-key or --client-key without a certificate; add "
+                         "--client-cert")
+    for option, path in (("certificate", cert), ("key", key)):
+        if path and not os.path.isfile(path):
+            raise UsageError(f"client {option} {path}: no such file")
+    return (cert, key) if key else cert
+
+
 def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
-    args = _setup_argparser().parse_args(argv)
-    source = pick_credentials("source", args.source, args.source_username, args.source_password,
-                              args.username, args.password, environ)
-    target = pick_credentials("target", args.target, args.target_username, args.target_password,
-                              args.username, args.password, environ)
+    parser = _setup_argparser()
+    parser.secrets = secret_arguments(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    source, target = (
+        replace(pick_credentials(role, getattr(args, role), getattr(args, f"{role}_username"),
+                                 getattr(args, f"{role}_password"), args.username,
+                                 args.password, environ),
+                headers=pick_headers(args.header, getattr(args, f"{role}_header"), role,
+                                     environ),
+                cert=pick_cert(args, role))
+        for role in ("source", "target"))
     if same_server(source.url, target.url):
         raise UsageError(f"source and target are the same server ({source.url}); "
                          "name two different servers")
@@ -2469,7 +2720,7 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
     return Config(source=source, target=target, save=Path(args.save),
                   threads=args.threads or Config.threads, pace=args.threads is None,
                   dry_run=args.dry_run, query=parse_query(args.query), studies=args.study,
-                  bwlimit=parse_rate(args.bwlimit) if args.bwlimit else None,
+                  bwlimit=parse_bwlimit(args.bwlimit) if args.bwlimit else None,
                   metadata=not args.no_metadata, report=report, follow=args.follow,
                   poll=args.poll, recheck=args.recheck,
                   ignore_errors=args.ignore_errors,
@@ -2594,6 +2845,15 @@ def lost_line(lost: list[str], system: dict) -> str:
             "as complete, and no run can end well while the target deletes what it receives")
 
 
+def too_large_line(sizes: list[int]) -> str:
+    """The line that says a proxy's body limit left instances out."""
+    return (f"the target, or a proxy in front of it, refuses requests above a size (HTTP 413): "
+            f"{format_count(len(sizes))} {'instance' if len(sizes) == 1 else 'instances'} of "
+            f"{format_bytes(min(sizes))} and more {'was' if len(sizes) == 1 else 'were'} not "
+            "copied (named above); raise the proxy's limit (nginx: client_max_body_size; "
+            "Apache: LimitRequestBody), then run the same command again")
+
+
 def cannot_store_line(reason: str, system: dict) -> str:
     """The line that stops a run whose target cannot store files."""
     if "HTTP 405 to POST" in reason:
@@ -2707,6 +2967,9 @@ class Run:
         try:
             self.say(f"Source:        {config.source.url} (Orthanc {source.version})")
             self.say(f"Target:        {config.target.url} (Orthanc {target.version})")
+            if limiter is not None:
+                self.say(f"Bandwidth:     {describe_rate(limiter.rate)} now (--bwlimit "
+                         f"{limiter.timetable.text})")
             for warning in warnings:
                 log.warning("warning: %s", warning)
             if journal.studies:
@@ -3020,16 +3283,25 @@ def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int
                      "problems": [{"id": resource, "reason": reason}
                                   for resource, reason in outcome.metadata_problems]},
         "verified": outcome.verified,
+        # bytes per second in force at the end (null: no limit), with --bwlimit
+        "bwlimit_in_force": run.copier.limiter.rate if getattr(run, "copier", None)
+        and run.copier.limiter else None,
         "link": run.link_report(),
         "verify_problems": [{"id": instance, "reason": reason}
                             for instance, reason in outcome.verify_problems],
         "options": {
             "threads": config.threads, "retries": config.policy.retries,
-            "timeout": config.policy.timeout, "bwlimit": config.bwlimit,
+            "timeout": config.policy.timeout,
+            "bwlimit": config.bwlimit.text if config.bwlimit else None,
             "ignore_errors": config.ignore_errors, "dry_run": config.dry_run,
             "verify": config.verify, "follow": config.follow, "metadata": config.metadata,
             "query": config.query, "studies": config.studies, "save": str(config.save),
             "tls_verify": config.tls_verify if config.tls_verify is not True else True,
+            # names only: a header's value may be a token
+            "headers": {endpoint.role: [name for name, _ in endpoint.headers]
+                        for endpoint in (config.source, config.target)},
+            "client_certificates": {endpoint.role: endpoint.cert is not None
+                                    for endpoint in (config.source, config.target)},
         },
     }
     temporary = path.with_name(path.name + ".tmp")
@@ -3065,6 +3337,8 @@ def replicate(config: Config, stop: threading.Event) -> int:
         system = run.target.system
         if outcome.lost:
             log.error("%s", lost_line(outcome.lost, system))
+        if outcome.too_large:
+            log.error("%s", too_large_line(outcome.too_large))
         if outcome.unconfirmed:
             log.error("could not list the target's studies to confirm that it kept what it "
                       "stored (%s); run the same command again", outcome.unconfirmed)

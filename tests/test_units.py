@@ -592,3 +592,89 @@ def test_journal_forgets_studies_the_target_lost(tmp_path: Path) -> None:
     journal.close()
     assert Journal(path, "http://a", "http://b").open(read_only=True).studies == {"kept": 3}
     assert path.read_text().count("redo\t") == 1
+
+
+# ---- the sites' access rules: headers, secrets in messages, the bandwidth timetable ----------
+def test_headers_from_the_line_the_environment_or_a_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("from-a-file\n")
+    environ = {"KEY": "from-the-environment"}
+    assert replicate.parse_header("api-key: plain", "--header", environ) == ("api-key", "plain")
+    assert replicate.parse_header("api-key: env:KEY", "--header", environ) == \
+        ("api-key", "from-the-environment")
+    assert replicate.parse_header(f"Authorization:@{token}", "--header", environ) == \
+        ("Authorization", "from-a-file")
+    # --target-header wins over --header for the same name, whatever its case
+    assert replicate.pick_headers(["api-key: a", "X-Site: s"], ["API-Key: b"], "target",
+                                  environ) == (("API-Key", "b"), ("X-Site", "s"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("api-key secret-value", "takes"), ("bad name: secret-value", "takes"),
+    ("api-key: env:UNSET", "UNSET is not set"), ("api-key: @/nonexistent/file", "cannot read"),
+    ("api-key:", "empty")])
+def test_bad_headers_say_what_to_fix_and_never_show_the_value(text: str, expected: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        replicate.parse_header(text, "--header", {})
+    assert expected in str(raised.value)
+    assert "secret-value" not in str(raised.value)
+
+
+def test_mistyped_options_never_repeat_a_secret(capsys: pytest.CaptureFixture) -> None:
+    for argv in (["http://a", "http://b", "--hedaer", "api-key: s3cret-token"],
+                 ["http://a", "http://b", "--target-header=api-key: s3cret-token", "--threads"],
+                 ["http://a", "http://b", "--pass", "s3cret-token", "extra"],
+                 ["http://a", "http://b", "s3cret-token"]):
+        assert replicate.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "s3cret" not in err and "see --help" in err, err
+
+
+def test_a_proxys_html_error_page_becomes_its_title() -> None:
+    page = ("<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+            "<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>"
+            "\r\n</body>\r\n</html>\r\n")
+    error = HttpStatusError("target", "POST", "/instances", 413, page)
+    assert str(error) == ("target answered HTTP 413 to POST /instances (413 Request Entity Too "
+                          "Large)")
+    assert replicate.TOO_LARGE_ANSWER in str(error)
+    line = replicate.too_large_line([60_000_000, 70_000_000])
+    assert "2 instances of 60.0 MB and more were not copied" in line
+    assert "client_max_body_size" in line
+
+
+def test_timetable_like_rclone() -> None:
+    table = replicate.parse_bwlimit("08:00,512K 12:30,10M 19:00,off")
+    assert table is not None
+    assert table.rate_at(7 * 60 + 59) is None  # before the first entry: last night's
+    assert table.rate_at(8 * 60) == 512 * 1024
+    assert table.rate_at(12 * 60 + 30) == 10 * 1024 ** 2
+    assert table.rate_at(23 * 60) is None
+    assert replicate.parse_bwlimit("2M").rate_at(600) == 2 * 1024 ** 2  # a plain rate, all day
+    assert replicate.parse_bwlimit("off") is None
+    assert replicate.parse_bwlimit("08:00,off 20:00,off") is None
+    for bad in ("8h,512K", "08:00", "25:00,1M", "08:00,1M 08:00,2M", "Mon-08:00,1M",
+                "08:00,fast"):
+        with pytest.raises(UsageError):
+            replicate.parse_bwlimit(bad)
+
+
+def test_rate_limiter_follows_the_timetable_inside_a_run() -> None:
+    clock = FakeClock()
+    minute = [8 * 60]
+    table = replicate.parse_bwlimit("08:00,1K 09:00,off 10:00,2K")
+    limiter = replicate.RateLimiter(table, clock=clock, sleep=clock.sleep, burst=0,
+                                    minute=lambda: minute[0])
+    for _ in range(3):
+        limiter.take(1024)
+    assert clock.sleeps == pytest.approx([1.0, 1.0])  # 1 KB/s
+    minute[0] = 9 * 60
+    before = clock.now
+    for _ in range(100):
+        limiter.take(1024)
+    assert clock.now == before and limiter.in_force is None  # off: no wait at all
+    minute[0] = 10 * 60
+    clock.now += 10  # an idle gap earns no credit beyond the burst
+    for _ in range(3):
+        limiter.take(1024)
+    assert clock.sleeps[-2:] == pytest.approx([0.5, 0.5])  # 2 KB/s
