@@ -23,6 +23,7 @@ Exit statuses:
 from __future__ import annotations
 
 import argparse
+import csv
 import getpass
 import io
 import itertools
@@ -36,6 +37,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -250,6 +252,10 @@ class Config:
     follow: bool = False
     poll: float = 2.0
     recheck: bool = False
+    delete: bool = False  # remove from the target what this tool copied and the source lost
+    max_delete: Optional[int] = None  # --delete deletes nothing when more is pending
+    check: bool = False  # compare only: write nothing anywhere
+    csv: Optional[Path] = None  # --check: every difference, as CSV
 
 
 class Instance:
@@ -285,6 +291,7 @@ class StudyCheck:
     present: int = 0  # instances the target already had
     vanished: int = 0  # listed by the source, then gone before their size was read
     gone: bool = False  # the study itself is no longer on the source
+    extra: list[str] = field(default_factory=list)  # instances only the target has
 
     @property
     def instances(self) -> int:
@@ -334,6 +341,11 @@ class Outcome:
     lost: list[str] = field(default_factory=list)  # studies stored, then gone from the target
     unconfirmed: Optional[str] = None  # why the target's studies could not be confirmed
     too_large: list[int] = field(default_factory=list)  # sizes of the instances refused (413)
+    # --delete: (study, instances deleted, instances kept: not copied by this tool), and with
+    # --dry-run or --check what would be; why nothing was deleted (--max-delete)
+    deleted: list[tuple[str, int, int]] = field(default_factory=list)
+    would_delete: list[tuple[str, int, int]] = field(default_factory=list)
+    delete_refused: Optional[str] = None
 
     @property
     def already_there(self) -> int:
@@ -571,15 +583,19 @@ def missing_instances(listed: Iterable[tuple[str, Optional[int]]], present: Coll
                       study: str) -> StudyCheck:
     """Planning one study: its instances on the source with their sizes (`listed`), and those
     the target has (`present`). A listed instance without a size was deleted from the source
-    between its listing and the reading of its size: it is counted as vanished, not copied."""
+    between its listing and the reading of its size: it is counted as vanished, not copied.
+    What the target has and the source does not list is `extra` (for --delete, --check)."""
     check = StudyCheck(study)
+    unmatched = set(present)  # what the target has of the study and the source does not list
     for instance_id, size in listed:
         if instance_id in present:
             check.present += 1
+            unmatched.discard(instance_id)
         elif size is not None:
             check.missing.append(Instance(instance_id, study, size))
         else:
             check.vanished += 1
+    check.extra = sorted(unmatched)
     return check
 
 
@@ -1556,7 +1572,11 @@ class Journal:
     - `redo<TAB>ID`: a study recorded complete that has to be looked at again (instances
       arrived in it, or some failed); `reset`: every study recorded so far, likewise;
     - `meta<TAB>Level<TAB>ID`: a resource whose user metadata or attachments changed on the
-      source; `changes<TAB>SEQ`: the position up to which the log was read for those.
+      source; `changes<TAB>SEQ`: the position up to which the log was read for those;
+    - `gone<TAB>ID`: a study --delete removed from the target (or that is on neither server):
+      no longer one this tool copied.
+    Every study ever recorded complete, though taken back since, stays one this tool copied
+    (`known`) until a `gone` line: --delete removes from the target only what it copied.
     A torn last line (a crash while writing) is dropped on open. What a study holds on each
     server decides what is copied; the journal only says which studies need no look.
     """
@@ -1565,6 +1585,7 @@ class Journal:
         self.path = path
         self.header = f"{SAVE_MAGIC}\tsource={source_url}\ttarget={target_url}"
         self.studies: dict[str, int] = {}  # complete studies -> instances they hold
+        self.known: set[str] = set()  # studies this tool copied (see the docstring)
         self.mark: Optional[tuple[int, str]] = None  # see the docstring
         self.position: Optional[int] = None  # the source's change log read up to here
         self.candidates: set[tuple[str, str]] = set()  # resources with user metadata changes
@@ -1635,6 +1656,10 @@ class Journal:
                 kind, *values = raw.decode("utf-8").split("\t")
                 if kind == "study" and len(values) >= 2:
                     self.studies[values[0]] = int(values[1])
+                    self.known.add(values[0])
+                elif kind == "gone" and len(values) == 1:
+                    self.studies.pop(values[0], None)
+                    self.known.discard(values[0])
                 elif kind == "redo" and len(values) == 1:
                     self.studies.pop(values[0], None)
                 elif kind == "reset" and len(values) <= 1:
@@ -1683,13 +1708,17 @@ class Journal:
     def share_keys(self, studies: Iterable[str]) -> None:
         """Key the complete studies by these equal strings (the source's listing) rather than
         by the save file's own copies, which are then freed."""
-        shared = {}
+        shared, known = {}, set()
         for study in studies:
             count = self.studies.pop(study, None)
             if count is not None:
                 shared[study] = count
+            if study in self.known:
+                known.add(study)
+                self.known.discard(study)
         shared.update(self.studies)
-        self.studies = shared
+        known.update(self.known)
+        self.studies, self.known = shared, known
 
     def begin(self, position: int, anchor: str, redo: Iterable[str], reset: bool) -> None:
         """Take back the studies that must be looked at again (all of them, with `reset`),
@@ -1721,6 +1750,16 @@ class Journal:
         self._write([f"study\t{study}\t{instances}\t{size}\t{now}"
                      for study, instances, size in records])
         self.studies.update((study, instances) for study, instances, _ in records)
+        self.known.update(study for study, _, _ in records)
+
+    def gone(self, studies: Iterable[str]) -> None:
+        """Record studies that are no longer this tool's to mirror: removed from the target
+        by --delete, or on neither server."""
+        gone = [study for study in studies if study in self.known or study in self.studies]
+        self._write([f"gone\t{study}" for study in gone])
+        for study in gone:
+            self.studies.pop(study, None)
+            self.known.discard(study)
 
     def close(self) -> None:
         if self.file is not None:
@@ -2296,9 +2335,11 @@ class Walk:
     was collected."""
 
     def __init__(self, config: Config, copier: Copier, journal: Journal, progress: Progress,
-                 stop: threading.Event, outcome: Outcome) -> None:
+                 stop: threading.Event, outcome: Outcome,
+                 observe: Optional[Callable[[str, StudyCheck], None]] = None) -> None:
         self.config, self.copier, self.journal = config, copier, journal
         self.progress, self.stop, self.outcome = progress, stop, outcome
+        self.observe = observe  # told each study's check (--delete, --check)
         self.batcher = Batcher(version_at_least(copier.target.version, (1, 8, 2)),
                                version_at_least(copier.source.version, (1, 8, 2)))
         self.ready: deque[Batch] = deque()
@@ -2438,6 +2479,8 @@ class Walk:
         outcome.missing_bytes += missing_bytes
         outcome.studies_missing += bool(check.missing)
         self.progress.advance(check.present + check.vanished, self.progress_text)
+        if self.observe is not None:
+            self.observe(study, check)
         if check.gone:
             return
         if not check.missing or self.config.dry_run:
@@ -2597,6 +2640,19 @@ def _setup_argparser() -> ArgumentParser:
                      help="look at every study instance by instance, also those the save file "
                           "records complete and the source's change log shows untouched: "
                           "finds instances deleted from the target (default: off)")
+    run.add_argument("--delete", action="store_true",
+                     help="also remove from the target what this tool copied there and the "
+                          "source no longer has: studies on every run, series and instances "
+                          "with --recheck; never what reached the target otherwise (default: "
+                          "off)")
+    run.add_argument("--max-delete", type=whole_number(0), default=None, metavar="N",
+                     help="with --delete, delete nothing and exit 1 when more than N "
+                          "instances are to be deleted (default: no limit)")
+    run.add_argument("--check", action="store_true",
+                     help="compare only, writing nothing to the target or the save file: what "
+                          "the target lacks, what differs (with --verify) and what it holds "
+                          "beyond the source; exit 1 if anything is missing or different (with "
+                          "--delete: or would be deleted) (default: off)")
     run.add_argument("-n", "--dry-run", action="store_true",
                      help="plan and print what would be copied; write nothing to the target or "
                           "the save file (default: off)")
@@ -2624,6 +2680,9 @@ def _setup_argparser() -> ArgumentParser:
     output_report = parser.add_argument_group("report")
     output_report.add_argument("--report", metavar="FILE", default=None,
                                help="write a JSON summary of the run to FILE (default: none)")
+    output_report.add_argument("--csv", metavar="FILE", default=None,
+                               help="with --check, every difference, one a line, to FILE for a "
+                                    "spreadsheet (default: none)")
     tls = parser.add_argument_group("https")
     tls.add_argument("--ca-bundle", metavar="FILE", default=None,
                      help="PEM file of the certificate authorities to trust (default: the "
@@ -2714,12 +2773,20 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
             raise UsageError("--insecure and --ca-bundle contradict each other; choose one")
         tls_verify = False
     report = Path(args.report) if args.report else None
-    if report is not None and not os.access(report.parent if str(report.parent) else ".",
-                                            os.W_OK):
-        raise UsageError(f"--report {report}: cannot write in that folder")
+    for option, path in (("--report", report), ("--csv", args.csv and Path(args.csv))):
+        if path and not os.access(path.parent if str(path.parent) else ".", os.W_OK):
+            raise UsageError(f"{option} {path}: cannot write in that folder")
+    if args.csv and not args.check:
+        raise UsageError("--csv goes with --check; add --check, or leave --csv out")
+    if args.check and args.follow:
+        raise UsageError("--check compares once and --follow copies on; choose one")
+    if args.max_delete is not None and not args.delete:
+        raise UsageError("--max-delete goes with --delete; add --delete, or leave it out")
     return Config(source=source, target=target, save=Path(args.save),
                   threads=args.threads or Config.threads, pace=args.threads is None,
-                  dry_run=args.dry_run, query=parse_query(args.query), studies=args.study,
+                  dry_run=args.dry_run or args.check, query=parse_query(args.query),
+                  studies=args.study, delete=args.delete, max_delete=args.max_delete,
+                  check=args.check, csv=Path(args.csv) if args.csv else None,
                   bwlimit=parse_bwlimit(args.bwlimit) if args.bwlimit else None,
                   metadata=not args.no_metadata, report=report, follow=args.follow,
                   poll=args.poll, recheck=args.recheck,
@@ -2780,12 +2847,15 @@ def room_problem(system: dict, source_statistics: dict,
     return None
 
 
-def preflight(source: OrthancClient, target: OrthancClient, metadata: bool) -> list[str]:
+def preflight(source: OrthancClient, target: OrthancClient, metadata: bool,
+              writes: bool = True) -> list[str]:
     """Look at the target's settings before anything is copied (Orthanc 1.12 and newer tell
     them in GET /system; older ones tell nothing, and only the confirmation at the end of the
     run can notice a loss). Raises TargetRefused for a target that stores nothing or would
     delete what it receives; returns the warnings to give once."""
     system = target.system
+    if not writes:  # --check: whatever the target does with uploads, none is made
+        return []
     if system.get("ReadOnly"):
         raise TargetRefused(f"target {target.endpoint.url} is read-only (\"ReadOnly\": true "
                             "in its configuration) and stores nothing; set ReadOnly to false "
@@ -2868,6 +2938,154 @@ def cannot_store_line(reason: str, system: dict) -> str:
             "then run the same command again")
 
 
+# ---- the mirror and the check: --delete, --check ---------------------------------------------
+DELETE_EVERY = 120.0  # --follow --delete: seconds between looks for studies the source deleted
+BULK_DELETE = 1000  # instance IDs in one POST /tools/bulk-delete (Orthanc 1.10+)
+
+
+def copied_by(metadata: dict, username: str) -> bool:
+    """Whether an instance's metadata on the target say it came from this tool: received over
+    REST from the user this tool logs in as (or from nobody: a target without authentication
+    names no user). A modality's instance says Origin DicomProtocol; a person's upload, with
+    other credentials, names that person."""
+    return (metadata.get("Origin") == "RestApi"
+            and metadata.get("HttpUsername", "") in (username, ""))
+
+
+@dataclass
+class Removal:
+    """What --delete takes from one study on the target: the whole of it (the source deleted
+    the study), or some of its instances (the source deleted them, found by --recheck)."""
+
+    study: str
+    whole: bool
+    candidates: list[str]  # instances the target has there and the source does not
+    ours: list[str] = field(default_factory=list)  # of those, copied by this tool: to delete
+    kept: int = 0  # of those, from elsewhere: they stay
+
+
+def target_selection(target: OrthancClient, query: dict[str, str],
+                     studies: list[str]) -> set[str]:
+    """The target's studies in the selection: those matching the same --query there, and each
+    --study the target has."""
+    selected = set(find_all(target, {"Level": "Study", "Query": query, "Expand": False})
+                   ) if query else set()
+    for study in studies:
+        try:
+            selected.update(find_study(target, study))
+        except UsageError:  # not on the target
+            pass
+    return selected
+
+
+def examine(target: OrthancClient, removal: Removal, username: str, threads: int) -> Removal:
+    """Sort a removal's candidates into this tool's copies and the others, by their metadata
+    on the target (one request an instance; reads only). A study gone from the source is
+    listed on the target first. Candidates gone meanwhile are neither."""
+    if removal.whole:
+        layout = study_layout(target, removal.study) or {}
+        removal.candidates = [instance for instances in layout.values()
+                              for instance in instances]
+
+    def metadata(instance: str) -> Optional[dict]:
+        return unless_missing(lambda: metadata_values(target, f"/instances/{instance}"))
+    for instance, found in zip(removal.candidates,
+                               parallel_map(metadata, removal.candidates, threads)):
+        if found is None:
+            continue
+        if copied_by(found, username):
+            removal.ours.append(instance)
+        else:
+            removal.kept += 1
+    return removal
+
+
+def remove(target: OrthancClient, instances: list[str], policy: RetryPolicy,
+           stop: threading.Event) -> None:
+    """Delete instances from the target: in bulk where it can (Orthanc 1.10+), else one by one.
+    Orthanc removes a series, study and patient with their last instance. Deleting is
+    idempotent: what is already gone is no error."""
+    if version_at_least(target.version, (1, 10, 0)):
+        for start in range(0, len(instances), BULK_DELETE):
+            chunk = instances[start:start + BULK_DELETE]
+            call_with_retries(lambda: target.send("POST", "/tools/bulk-delete",
+                                                  json={"Resources": chunk}),
+                              f"target bulk-delete of {len(chunk)} instances", policy, stop)
+        return
+    for instance in instances:
+        unless_missing(lambda: call_with_retries(
+            lambda: target.send("DELETE", f"/instances/{instance}"),
+            f"target DELETE /instances/{instance}", policy, stop))
+
+
+def study_tags(server: OrthancClient, study: str) -> dict[str, str]:
+    """What a person recognises a study by: patient ID, study date, StudyInstanceUID."""
+    record = unless_missing(lambda: server.get(f"/studies/{study}")) or {}
+    main, patient = record.get("MainDicomTags", {}), record.get("PatientMainDicomTags", {})
+    return {"patient_id": patient.get("PatientID", ""), "study_date": main.get("StudyDate", ""),
+            "study_instance_uid": main.get("StudyInstanceUID", "")}
+
+
+CSV_COLUMNS = ["difference", "patient_id", "study_date", "study_instance_uid", "study",
+               "instance", "detail"]
+
+
+class Differences:
+    """--check: every difference found, study by study. Each goes at once to the CSV file (if
+    asked) and to a spool of JSON lines that the report copies at the end, so that memory does
+    not grow with the differences, however many. Only the counts are kept."""
+
+    def __init__(self, csv_path: Optional[Path]) -> None:
+        self.counts: Counter[str] = Counter()
+        self.studies: Counter[str] = Counter()  # studies with a difference of each kind
+        self.spool = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self.csv_file = None
+        if csv_path is not None:
+            try:
+                self.csv_file = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+            except OSError as error:
+                raise UsageError(f"--csv {csv_path}: {error.strerror}") from None
+            self.csv = csv.writer(self.csv_file)
+            self.csv.writerow(CSV_COLUMNS)
+
+    def add(self, study: str, tags: dict[str, str], found: dict[str, list[str]],
+            detail: dict[str, str]) -> None:
+        """One study's differences: kind -> instance IDs (kind `extra-study` with no IDs for a
+        study only the target has), with a detail by kind."""
+        record = {"study": study, **tags}
+        for kind, instances in found.items():
+            if not instances and kind != "extra-study":
+                continue
+            self.studies[kind] += 1
+            self.counts[kind] += len(instances)
+            record[kind] = instances
+            if self.csv_file is not None:
+                for instance in instances or [""]:
+                    self.csv.writerow([kind, tags["patient_id"], tags["study_date"],
+                                       tags["study_instance_uid"], study, instance,
+                                       detail.get(kind, "")])
+        if detail:
+            record["detail"] = detail
+        self.spool.write(json.dumps(record) + "\n")
+
+    def records(self) -> Iterator[str]:
+        self.spool.seek(0)
+        for line in self.spool:
+            yield line.rstrip("\n")
+
+    def close(self) -> None:
+        if self.csv_file is not None:
+            self.csv_file.close()
+            self.csv_file = None
+
+
+def max_delete_line(count: int, limit: int) -> str:
+    return (f"--delete: {format_count(count)} instances to delete from the target, more than "
+            f"--max-delete {format_count(limit)}; nothing was deleted. If the source really "
+            "lost that much (not emptied or swapped by mistake), run again with a higher "
+            "--max-delete")
+
+
 # ---- main -----------------------------------------------------------------------------------
 def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> OrthancClient:
     """A checked client; asks for the password on a terminal if the server refuses the default."""
@@ -2911,11 +3129,41 @@ def summary_lines(outcome: Outcome, elapsed: float) -> list[str]:
     if outcome.lost:
         lines.append(f"Lost:          {format_count(len(outcome.lost))} studies the target "
                      "deleted after storing them")
+    for label, removals in (("Deleted:", outcome.deleted), ("Would delete:", outcome.would_delete)):
+        if removals:
+            lines.append(f"{label:<15}{format_count(sum(ours for _, ours, _ in removals))} "
+                         f"instances in {format_count(len(removals))} studies the source no "
+                         f"longer has ({format_count(sum(kept for _, _, kept in removals))} "
+                         "kept there: not copied by this tool)")
     if outcome.vanished:
         lines.append(f"Vanished:      {format_count(outcome.vanished)} instances deleted from "
                      "the source during the run")
     lines.append(f"Elapsed:       {elapsed:.1f} s")
     return lines
+
+
+def check_lines(outcome: Outcome, differences: "Differences", verify: bool,
+                delete: bool) -> tuple[list[str], bool]:
+    """--check's summary, and whether the target differs (what fails the check)."""
+    counts, studies = differences.counts, differences.studies
+    pending = sum(ours for _, ours, _ in outcome.would_delete)
+    differs = bool(outcome.missing or counts["different"] or outcome.failed
+                   or outcome.verify_problems or (delete and pending))
+    lines = [f"Compared:      {format_count(outcome.studies_checked)} studies instance by "
+             f"instance, {format_count(outcome.studies_skipped)} taken on trust (complete in "
+             "an earlier run and untouched since; --recheck looks at them)",
+             f"Missing:       {format_count(outcome.missing)} instances in "
+             f"{format_count(outcome.studies_missing)} studies lack on the target"]
+    if verify:
+        lines.append(f"Different:     {format_count(counts['different'])} instances (stored MD5)")
+    lines.append(f"Only target:   {format_count(studies['extra-study'])} studies and "
+                 f"{format_count(counts['extra'])} instances of studies both have"
+                 + (f"; --delete would remove {format_count(pending)} instances"
+                    if delete else ""))
+    lines.append("Result:        " + ("the target differs from the source" if differs else
+                                      "the target holds every instance of the source"
+                                      + (" and nothing to delete" if delete else "")))
+    return lines, differs
 
 
 def plan_lines(outcome: Outcome, statistics: Optional[dict]) -> list[str]:
@@ -2952,12 +3200,16 @@ class Run:
         # copied since
         self.confirmed = 0.0
         self.unconfirmed = False
+        self.removals: list[Removal] = []  # --delete: instances the walk found only on the target
+        self.differences = Differences(config.csv) if config.check else None
+        self.deletions_at = 0.0  # --follow --delete: when the last look for deletions was
 
     def execute(self) -> None:
         config, outcome = self.config, self.outcome
         self.source = source = connect(config.source, config, self.stop)
         self.target = target = connect(config.target, config, self.stop)
-        warnings = preflight(source, target, config.metadata)  # before the save file is made
+        # before the save file is made
+        warnings = preflight(source, target, config.metadata, writes=not config.check)
         self.journal = journal = Journal(config.save, config.source.url,
                                          config.target.url).open(read_only=config.dry_run)
         limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
@@ -2991,6 +3243,8 @@ class Run:
             journal.share_keys(studies)
             listed = set(target.whole("GET", "/studies"))
             on_target = {study for study in studies if study in listed}
+            whole, extra = self.mirror_plan(studies, listed) if config.delete or config.check \
+                else ([], [])
             del listed
             metadata = self.resume(position, anchor, background)
 
@@ -3009,14 +3263,22 @@ class Run:
             self.started = True
             self.progress.start(total, "checking" if config.dry_run else "copying")
             try:
-                Walk(config, self.copier, journal, self.progress, self.stop, outcome).run(
+                Walk(config, self.copier, journal, self.progress, self.stop, outcome,
+                     self.observe if config.delete or config.check else None).run(
                     work, on_target.__contains__)
             finally:
                 self.progress.finish()
-            if config.dry_run:
-                self.say("Dry run:       nothing was written to the target or the save file")
-                return
             if outcome.interrupted:
+                return
+            if config.check:
+                self.check_extras(extra, whole)
+                if config.verify:
+                    self.verify(studies, statistics)
+            if config.delete:
+                self.mirror(whole)
+            if config.dry_run:
+                self.say(f"{'Check' if config.check else 'Dry run'}:       nothing was written "
+                         "to the target or the save file")
                 return
             if metadata is not None:
                 self.copy_metadata(metadata.result())
@@ -3025,13 +3287,16 @@ class Run:
             if config.verify:
                 self.verify(studies, statistics)
             if config.follow and not outcome.target_full and not outcome.lost and not (
-                    outcome.failed and not config.ignore_errors):
+                    outcome.failed and not config.ignore_errors) and not outcome.delete_refused:
+                self.deletions_at = time.monotonic()
                 self.follow(position)
         except KeyboardInterrupt:
             self.outcome.interrupted = True
             self.stop.set()
         finally:
             background.shutdown(wait=False, cancel_futures=True)
+            if self.differences is not None:
+                self.differences.close()
             journal.close()
             self.copier.close()
             source.close()
@@ -3093,8 +3358,115 @@ class Run:
             return
         self.outcome.unconfirmed = None
         if lost:
+            # Gone from the source too (deleted on both), it is nobody's loss: only forgotten.
+            on_source = set(self.source.whole("GET", "/studies"))
             self.journal.forget(lost)
-            self.outcome.lost.extend(lost)
+            self.outcome.lost.extend(study for study in lost if study in on_source)
+
+    def observe(self, study: str, check: StudyCheck) -> None:
+        """What the walk found of a study, for --delete and --check (in the main thread)."""
+        if self.config.delete and check.extra and study in self.journal.known:
+            self.removals.append(Removal(study, False, check.extra))
+        if self.differences is not None and (check.missing or check.extra):
+            self.differences.add(study, study_tags(self.source, study),
+                                 {"missing": [instance.id for instance in check.missing],
+                                  "extra": check.extra},
+                                 {"missing": "the target lacks it",
+                                  "extra": "the target has it, the source does not"})
+
+    def mirror_plan(self, studies: Collection[str],
+                    listed: set[str]) -> tuple[list[str], list[str]]:
+        """The selected studies only the target has, and of those the ones this tool copied
+        (which --delete removes), from the two study lists the run reads anyway (with a
+        selection, the whole source's list too, and the same --query on the target). Studies
+        this tool copied that neither server has any more are forgotten (--delete)."""
+        if self.selected is None:
+            on_source = studies if isinstance(studies, (set, dict)) else set(studies)
+            chosen: Collection[str] = listed
+        else:
+            on_source = set(self.source.whole("GET", "/studies"))
+            chosen = target_selection(self.target, self.config.query,
+                                      self.config.studies) & listed
+        extra = sorted(study for study in chosen if study not in on_source)
+        if self.config.delete and not self.config.dry_run:
+            self.journal.gone([study for study in self.journal.known
+                               if study not in on_source and study not in listed])
+        return [study for study in extra if study in self.journal.known], extra
+
+    def mirror(self, whole: list[str]) -> None:
+        """--delete: remove from the target, of the studies the source deleted (`whole`) and
+        of the instances the walk found only on the target, what this tool copied there. The
+        metadata of every candidate are read first; then, unless --max-delete forbids it,
+        the deletions are made study by study, each followed by its `gone` line in the save
+        file (a run killed in between finds the rest again: deleting is idempotent). With
+        --dry-run or --check, only listed."""
+        config, outcome = self.config, self.outcome
+        removals = [Removal(study, True, []) for study in whole] + self.removals
+        self.removals = []
+        for removal in removals:
+            try:
+                examine(self.target, removal, config.target.username, config.threads)
+            except (GaveUp, HttpStatusError) as error:
+                outcome.failed.append((removal.study, f"could not look at what to delete: "
+                                                      f"{describe_error(error)}"))
+                outcome.failed_studies.add(removal.study)
+                removal.ours, removal.kept = [], 0
+        planned = [removal for removal in removals if removal.ours or removal.kept]
+        count = sum(len(removal.ours) for removal in planned)
+        if config.dry_run:
+            for removal in planned:
+                outcome.would_delete.append((removal.study, len(removal.ours), removal.kept))
+                if removal.ours:
+                    log.info("would delete: %s instances of study %s%s", len(removal.ours),
+                             removal.study, " (all the source deleted)" if removal.whole
+                             else " (deleted from it on the source)")
+            return
+        if config.max_delete is not None and count > config.max_delete:
+            outcome.delete_refused = max_delete_line(count, config.max_delete)
+            return
+        for removal in removals:
+            if removal.ours:
+                try:
+                    remove(self.target, removal.ours, config.policy, self.stop)
+                except (GaveUp, HttpStatusError) as error:
+                    outcome.failed.append((removal.study, f"could not delete from it: "
+                                                          f"{describe_error(error)}"))
+                    outcome.failed_studies.add(removal.study)
+                    continue
+                log.info("deleted: %s instances of study %s%s", len(removal.ours),
+                         removal.study, f", kept {removal.kept} not copied by this tool"
+                         if removal.kept else "")
+            if removal.whole:
+                self.journal.gone([removal.study])
+            if removal.ours or removal.kept:
+                outcome.deleted.append((removal.study, len(removal.ours), removal.kept))
+
+    def check_extras(self, extra: list[str], whole: list[str]) -> None:
+        """--check: the studies only the target has, each a line of differences with its
+        instance count and whether this tool copied it."""
+        assert self.differences is not None
+        copied = set(whole)
+        for study in extra:
+            statistics = unless_missing(
+                lambda: self.target.get(f"/studies/{study}/statistics")) or {}
+            count = int(statistics.get("CountInstances", 0))
+            self.differences.add(study, study_tags(self.target, study), {"extra-study": []},
+                                 {"extra-study": f"{count} instances only the target has; "
+                                  + ("copied by this tool (--delete removes them)"
+                                     if study in copied else "not copied by this tool")})
+
+    def follow_deletions(self) -> bool:
+        """--follow --delete: every DELETE_EVERY seconds, one listing of each server's studies
+        for those the source deleted. Whether following may go on."""
+        if time.monotonic() - self.deletions_at < DELETE_EVERY:
+            return True
+        self.deletions_at = time.monotonic()
+        studies = self.source.whole("GET", "/studies") if self.selected is None else \
+            select_studies(self.source, self.config.query, self.config.studies)
+        whole, _ = self.mirror_plan(studies, set(self.target.whole("GET", "/studies")))
+        if whole or self.removals:
+            self.mirror(whole)
+        return not self.outcome.delete_refused
 
     def link_report(self) -> Optional[dict]:
         """What the run measured of the way to each server and chose from it."""
@@ -3127,6 +3499,12 @@ class Run:
                 outcome.verified += checked
                 outcome.vanished += gone
                 outcome.verify_problems.extend(problems)
+                different = [instance for instance, problem in problems
+                             if problem.startswith("different")]
+                if self.differences is not None and different:
+                    self.differences.add(study, study_tags(self.source, study),
+                                         {"different": different},
+                                         {"different": "the stored MD5 differs"})
                 self.progress.advance(checked + gone)
         finally:
             self.progress.finish()
@@ -3209,6 +3587,13 @@ class Run:
             if next_position is None:
                 return
             position = next_position
+            if self.config.delete:
+                try:
+                    if not self.follow_deletions():
+                        return
+                except GaveUp as error:
+                    log.warning("%s: %s: %s; looking again later", time.strftime("%H:%M:%S"),
+                                error.what, error)
 
     def follow_once(self, position: int) -> Optional[int]:
         """One look at the change log: check again the studies that instances arrived in
@@ -3231,8 +3616,9 @@ class Run:
         if touched:
             self.target.get("/system")  # a target out of reach fails the look, not the copies
             before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
-            Walk(config, self.copier, self.journal, Progress(False), self.stop, outcome).run(
-                sorted(touched), lambda study: True)
+            Walk(config, self.copier, self.journal, Progress(False), self.stop, outcome,
+                 self.observe if config.delete else None).run(sorted(touched),
+                                                              lambda study: True)
             copied, copied_bytes, failed = (outcome.copied - before[0],
                                             outcome.copied_bytes - before[1],
                                             len(outcome.failed) - before[2])
@@ -3252,6 +3638,9 @@ class Run:
         else:
             self.journal.changes_read(changes.last, ())
         return changes.last
+
+
+DIFFERENCES_HERE = "differences: copied from the spool"  # where the report's list goes
 
 
 def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int,
@@ -3277,6 +3666,18 @@ def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int
         if run.started else None,
         "vanished": outcome.vanished,
         "lost_studies": outcome.lost,
+        "deleted": [{"study": study, "instances": ours, "kept": kept}
+                    for study, ours, kept in outcome.deleted],
+        "would_delete": [{"study": study, "instances": ours, "kept": kept}
+                         for study, ours, kept in outcome.would_delete],
+        "delete_refused": outcome.delete_refused,
+        "check": None if run.differences is None else {
+            "studies_compared": outcome.studies_checked,
+            "studies_taken_on_trust": outcome.studies_skipped,
+            "missing": outcome.missing, "different": run.differences.counts["different"],
+            "extra_instances": run.differences.counts["extra"],
+            "extra_studies": run.differences.studies["extra-study"],
+            "differences": DIFFERENCES_HERE},
         "unconfirmed": outcome.unconfirmed,
         "interrupted": outcome.interrupted,
         "metadata": {"written": outcome.metadata_written,
@@ -3295,6 +3696,7 @@ def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int
             "bwlimit": config.bwlimit.text if config.bwlimit else None,
             "ignore_errors": config.ignore_errors, "dry_run": config.dry_run,
             "verify": config.verify, "follow": config.follow, "metadata": config.metadata,
+            "delete": config.delete, "max_delete": config.max_delete, "check": config.check,
             "query": config.query, "studies": config.studies, "save": str(config.save),
             "tls_verify": config.tls_verify if config.tls_verify is not True else True,
             # names only: a header's value may be a token
@@ -3305,7 +3707,14 @@ def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int
         },
     }
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    head, _, tail = (json.dumps(report, indent=2) + "\n").partition(
+        json.dumps(DIFFERENCES_HERE))
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(head)
+        if run.differences is not None:  # copied from its spool, a study a line
+            file.write("[" + ",".join("\n    " + record
+                                      for record in run.differences.records()) + "\n  ]")
+        file.write(tail)
     os.replace(temporary, path)
 
 
@@ -3323,7 +3732,13 @@ def replicate(config: Config, stop: threading.Event) -> int:
         return finish_report(config, run, elapsed, code, message)
     elapsed = time.monotonic() - started
     outcome = run.outcome
-    for line in summary_lines(outcome, elapsed):
+    differs = False
+    lines = summary_lines(outcome, elapsed)
+    if run.differences is not None:
+        check, differs = check_lines(outcome, run.differences, config.verify, config.delete)
+        lines = check + [line for line in lines if line.startswith(
+            ("Would delete:", "Elapsed:") + (("Failed:",) if outcome.failed else ()))]
+    for line in lines:
         print(line, flush=True)
     for instance_id, problem in outcome.verify_problems:
         log.error("verify failed: instance %s: %s", instance_id, problem)
@@ -3333,8 +3748,10 @@ def replicate(config: Config, stop: threading.Event) -> int:
                   "follow on" if config.follow else "resume")
         code = EXIT_INTERRUPTED
     elif (outcome.failed or outcome.verify_problems or outcome.metadata_problems
-          or outcome.lost or outcome.unconfirmed):
+          or outcome.lost or outcome.unconfirmed or outcome.delete_refused or differs):
         system = run.target.system
+        if outcome.delete_refused:
+            log.error("%s", outcome.delete_refused)
         if outcome.lost:
             log.error("%s", lost_line(outcome.lost, system))
         if outcome.too_large:
