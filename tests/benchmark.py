@@ -100,7 +100,7 @@ class Measure:
     floor: list[Timing] = field(default_factory=list)
     rss_kb: list[int] = field(default_factory=list)
     first_landing: list[float] = field(default_factory=list)  # seconds to the first instance
-    rerun: Optional["Rerun"] = None
+    rerun: dict[str, "Rerun"] = field(default_factory=dict)  # by the options it was run with
 
 
 @dataclass
@@ -266,8 +266,8 @@ def floor(source: OrthancServer, target: OrthancServer) -> Timing:
 
 
 def ours(source: OrthancServer, target: OrthancServer, save: Path,
-         watch_first: bool = False, urls: Optional[tuple[str, str]] = None
-         ) -> tuple[Timing, int, str, Optional[float]]:
+         watch_first: bool = False, urls: Optional[tuple[str, str]] = None,
+         options: tuple[str, ...] = ()) -> tuple[Timing, int, str, Optional[float]]:
     """Run replicate.py with default options; (timing, peak RSS in KB, stdout, seconds until
     the first instance landed on the target if `watch_first`).
 
@@ -278,7 +278,8 @@ def ours(source: OrthancServer, target: OrthancServer, save: Path,
     started = time.monotonic()
     source_url, target_url = urls or (source.url, target.url)
     process = subprocess.Popen([sys.executable, SCRIPT, source_url, target_url, "--save",
-                                str(save), "-q", "--username", USER, "--password", PASSWORD],
+                                str(save), "-q", "--username", USER, "--password", PASSWORD,
+                                *options],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first: Optional[float] = None
     watcher = None
@@ -430,14 +431,17 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                 + f" | {per} |")
     lines.append("")
     for measure in measures:
-        if measure.rerun is not None:
-            rerun = measure.rerun
-            lines.append(f"{measure.corpus} re-run with nothing to copy: {rerun.seconds:.2f} s = "
+        for label, rerun in measure.rerun.items():
+            lines.append(f"{measure.corpus} re-run with nothing to copy, {label}: "
+                         f"{rerun.seconds:.2f} s = "
                          f"{rerun.seconds / best(measure.ours).seconds * 100:.1f}% of a full "
                          f"copy, peak RSS {rerun.rss_kb / 1024:.0f} MB, "
                          f"{rerun.source_requests} requests to the source, "
                          f"{rerun.target_requests} to the target, {rerun.posts} POSTs to the "
                          "target")
+        if "--recheck" in measure.rerun and "--check --recheck" in measure.rerun:
+            lines.append(f"{measure.corpus} --check --recheck / --recheck: "
+                         f"{measure.rerun['--check --recheck'].seconds / measure.rerun['--recheck'].seconds:.2f}")
     return lines
 
 
@@ -523,28 +527,41 @@ COUNT_LUA = ('function IncomingHttpRequestFilter(method, uri, ip, username, head
              '  return true\nend\n')
 
 
+# The re-runs with nothing to copy: a plain one, the cut-over's --delete, and the look at every
+# study with and without --check (which must cost about the same: a check is a --recheck that
+# writes nothing).
+RERUNS = {"plain": (), "--delete": ("--delete",), "--recheck": ("--recheck",),
+          "--check --recheck": ("--check", "--recheck")}
+
+
 def rerun_nothing(source: OrthancServer, target: OrthancServer, save: Path,
-                  work: Path) -> Rerun:
-    """Restart both servers with a Lua script that logs every request, re-run, count them."""
+                  work: Path) -> dict[str, Rerun]:
+    """Restart both servers with a Lua script that logs every request; re-run with each of
+    RERUNS, counting the requests of each."""
     script = work / "count.lua"
     script.write_text(COUNT_LUA)
-    seen = {}
     for server in (source, target):
         server.stop()
         server.config["LuaScripts"] = [str(script)]
         server.start()
-        seen[server.name] = (server.folder / "orthanc.log").read_text().count("REQUEST-SEEN")
-    timing, rss, _, _ = ours(source, target, save)
-    counts = {}
+
+    def seen(server: OrthancServer) -> int:
+        return (server.folder / "orthanc.log").read_text().count("REQUEST-SEEN")
+    reruns = {}
+    for label, options in RERUNS.items():
+        before = {server.name: seen(server) for server in (source, target)}
+        posts_before = (target.folder / "orthanc.log").read_text().count(
+            "REQUEST-SEEN POST /instances")
+        timing, rss, _, _ = ours(source, target, save, options=options)
+        posts = (target.folder / "orthanc.log").read_text().count(
+            "REQUEST-SEEN POST /instances") - posts_before
+        reruns[label] = Rerun(timing.seconds, rss, seen(source) - before["SOURCE"],
+                              seen(target) - before["TARGET"], posts)
     for server in (source, target):
-        text = (server.folder / "orthanc.log").read_text()
-        counts[server.name] = text.count("REQUEST-SEEN") - seen[server.name]
-        if server is target:
-            posts = text.count("REQUEST-SEEN POST /instances")
         server.stop()
         server.config.pop("LuaScripts")
         server.start()
-    return Rerun(timing.seconds, rss, counts["SOURCE"], counts["TARGET"], posts)
+    return reruns
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -436,11 +436,15 @@ def test_benchmark_smoke(tmp_path) -> None:
         ["---", "mixed", "tiny", "big", "scale20k"]
     assert any(line.startswith("| tiny | target ingestion alone |") for line in lines)
     reruns = [line for line in lines if " re-run with nothing to copy" in line]
-    assert len(reruns) == 2 and all("0 POSTs" in line for line in reruns), reruns
-    # a re-run with nothing to copy asks each server a few things, whatever the archive holds
+    assert len(reruns) == 2 * 4 and all("0 POSTs" in line for line in reruns), reruns
+    # a re-run with nothing to copy, plain or --delete, asks each server a few things,
+    # whatever the archive holds; --recheck looks at every study
     for line in reruns:
         asked = re.search(r"(\d+) requests to the source, (\d+) to the target", line)
-        assert asked and 0 < int(asked.group(1)) <= 10 and 0 < int(asked.group(2)) <= 10, line
+        assert asked, line
+        if ", plain:" in line or ", --delete:" in line:
+            assert 0 < int(asked.group(1)) <= 10 and 0 < int(asked.group(2)) <= 10, line
+    assert sum("--check --recheck / --recheck:" in line for line in lines) == 2
 
 
 def test_benchmark_wan_smoke(tmp_path) -> None:
