@@ -12,7 +12,8 @@ complete since the last run and untouched in the source's change log are not loo
 Exit statuses:
   0    everything selected is on the target
   1    failures remain (instances named on stderr), the target deleted studies it had
-       stored, or an unexpected error
+       stored, --max-delete stopped the deletions, --check found a difference, or an
+       unexpected error
   2    usage error: bad option value, malformed URL, the same server twice, unusable save
        file; or a target set to store nothing (ReadOnly) or to delete what it receives
        (a MaximumPatientCount or MaximumStorageSize that recycles)
@@ -2595,7 +2596,8 @@ passwords, first found wins:
 exit statuses:
   0    everything selected is on the target
   1    failures remain (instances named on stderr), the target deleted studies
-       it had stored, or an unexpected error
+       it had stored, --max-delete stopped the deletions, --check found a
+       difference, or an unexpected error
   2    usage error: bad option value, malformed URL, the same server twice,
        unusable save file; or a target set to store nothing (ReadOnly) or to
        delete what it receives (a storage limit in "Recycle" mode)
