@@ -82,6 +82,9 @@ STREAM_MIN_INSTANCE = 2 * 1024 * 1024
 BATCH_MAX_INSTANCES = 200
 BATCH_MAX_BYTES = 4 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
+# An upload of this many bytes or more goes on a new connection, never a kept-alive one (see
+# OrthancClient.send): below it, a cut costs less than the handshake would.
+FRESH_UPLOAD = 64 * 1024
 GATHER_BYTES = 256 * 1024  # an archive next to its server is read in pieces of this much
 PACED_BLOCK = 64 * 1024
 LISTING_PAGE = 2000
@@ -813,7 +816,9 @@ def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
                 raise
             if attempt > policy.retries:
                 raise GaveUp(error, attempt, what) from error
-            delay = policy.delay(attempt)
+            # A kept-alive connection the server had closed: at once, on a new one.
+            delay = 0.0 if attempt == 1 and describe_error(error) == \
+                "remote end closed connection" else policy.delay(attempt)
             log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what,
                       describe_error(error), attempt, policy.retries + 1, delay)
             if stop.wait(delay):
@@ -862,6 +867,7 @@ class OrthancClient:
         # The quickest answer seen, in seconds: the round trip to the server, plus the least
         # it takes to answer anything. Pace reads it.
         self.latency = float("inf")
+        self.sent_again = 0  # bytes of request bodies cut short, to be sent again
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -905,6 +911,14 @@ class OrthancClient:
             self._local.pool = pool
         return pool
 
+    def drop_idle(self) -> None:
+        """Close this thread's idle kept-alive connections to the server, so that its next
+        request opens a new one (urllib3 reconnects a closed connection it takes from its
+        pool). The pool is this thread's alone."""
+        for connection in list(self.pool().pool.queue):  # type: ignore[union-attr]
+            if connection is not None:
+                connection.close()
+
     @property
     def distant(self) -> bool:
         """Whether the server is across a network: its quickest answer took REMOTE_LATENCY
@@ -939,6 +953,14 @@ class OrthancClient:
         chunked = body is not None and not hasattr(body, "__len__")  # a generator of blocks
         if body is not None and not chunked:
             request_headers["Content-Length"] = str(len(body))
+        if body is not None and (chunked or len(body) >= FRESH_UPLOAD):
+            # Orthanc closes a kept-alive connection that brings no request within about a
+            # second of its last answer. Behind a link that queues several MB (a FIFO in a
+            # VPN concentrator or router), a request waits longer than that before its first
+            # byte arrives, and the whole body crosses the link for nothing. A new connection
+            # is waited on for Orthanc's request timeout (tens of seconds): a large upload
+            # costs one handshake more, and is never sent twice for that.
+            self.drop_idle()
         timeout = self.timeout if read_timeout is None else urllib3.Timeout(
             connect=self.timeout.connect_timeout, read=read_timeout)
         started = time.perf_counter()
@@ -949,6 +971,11 @@ class OrthancClient:
                 preload_content=False, release_conn=False, decode_content=True,
                 enforce_content_length=True)
         except (urllib3.exceptions.HTTPError, OSError) as error:
+            if body is not None:  # what was sent of it crossed the link for nothing
+                sent = len(body) if not chunked else 0
+                sent = getattr(body, "sent", sent)
+                with self._lock:
+                    self.sent_again += sent
             raise transport_error(error) from error
         self.latency = min(self.latency, time.perf_counter() - started)
         if response.status >= 300:

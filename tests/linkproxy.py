@@ -1,7 +1,16 @@
 """A TCP proxy that puts a distant link between the tool and a real server: every chunk is
 delayed by half the round trip in each direction, a new connection waits one round trip (the
 TCP handshake) before its first byte goes, and each direction's rate is shared by all the
-connections that cross it, first come first served, as on one congested link.
+connections that cross it, as on one congested link.
+
+Two ways of sharing it:
+- fair (the default): a connection puts its next chunk on the link only once its last one
+  has left, so the connections take turns chunk by chunk and a new request waits for about
+  one chunk of each other connection;
+- deep (`depth` bytes): one FIFO queue per direction, in which each connection may have up to
+  `depth` bytes waiting, and the bytes leave in the order they arrived, whoever sent them. So
+  behave many VPN concentrators and WAN routers (bufferbloat): a new request waits behind
+  everything queued before it, a second or more at several MB per connection.
 
 Used by the WAN tests and the benchmark's `wan` part; the kernel here has no netem."""
 
@@ -37,8 +46,10 @@ class Direction:
 
 
 class LinkProxy(TcpProxy):
-    def __init__(self, upstream_port: int, rtt: float, rate: float) -> None:
+    def __init__(self, upstream_port: int, rtt: float, rate: float,
+                 depth: Optional[int] = None) -> None:
         self.rtt = rtt
+        self.depth = depth  # bytes a connection may have queued (deep mode), or None (fair)
         self.up = Direction(rate)  # towards the server
         self.down = Direction(rate)  # towards the client
         super().__init__(upstream_port)
@@ -54,8 +65,9 @@ class LinkProxy(TcpProxy):
             end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         closing = Closing((client, upstream))
         # The handshake: the client's first byte can leave one round trip after it connected.
-        Pump(client, upstream, self.up, self.rtt / 2, accepted + self.rtt, closing).start()
-        Pump(upstream, client, self.down, self.rtt / 2, 0.0, closing).start()
+        Pump(client, upstream, self.up, self.rtt / 2, accepted + self.rtt, closing,
+             self.depth).start()
+        Pump(upstream, client, self.down, self.rtt / 2, 0.0, closing, self.depth).start()
 
 
 class Closing:
@@ -78,14 +90,18 @@ class Closing:
 class Pump:
     """Moves one direction of one connection: a reader takes the link for each chunk it
     reads (so a full link slows the sender down), a writer delivers each chunk half a round
-    trip after it left."""
+    trip after it left. The reader waits for its chunk to leave before reading the next
+    (fair), or only while the connection has `depth` bytes queued (deep)."""
 
     def __init__(self, source: socket.socket, sink: socket.socket, link: Direction,
-                 delay: float, not_before: float, closing: Closing) -> None:
+                 delay: float, not_before: float, closing: Closing,
+                 depth: Optional[int] = None) -> None:
         self.source, self.sink, self.link, self.delay = source, sink, link, delay
-        self.not_before, self.closing = not_before, closing
+        self.not_before, self.closing, self.depth = not_before, closing, depth
         self.queue: deque[tuple[float, Optional[bytes]]] = deque()
         self.ready = threading.Condition()
+        self.waiting: deque[tuple[float, int]] = deque()  # (when it leaves, bytes) queued
+        self.waiting_bytes = 0
 
     def start(self) -> None:
         threading.Thread(target=self._read, daemon=True).start()
@@ -106,9 +122,21 @@ class Pump:
                 if wait > 0:
                     time.sleep(wait)
                 sent = self.link.occupy(len(data))
-                wait = sent - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
+                if self.depth is None:
+                    wait = sent - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                else:
+                    self.waiting.append((sent, len(data)))
+                    self.waiting_bytes += len(data)
+                    while self.waiting and (self.waiting_bytes > self.depth
+                                            or self.waiting[0][0] <= time.monotonic()):
+                        left, count = self.waiting[0]
+                        wait = left - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
+                        self.waiting.popleft()
+                        self.waiting_bytes -= count
                 self._put(sent + self.delay, data)
         except OSError:
             pass
