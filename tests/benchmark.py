@@ -447,9 +447,16 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
 
 # ---- across a distant link ------------------------------------------------------------------
 WAN_RATE = 25e6  # bytes a second each way
-# (corpus, the server behind the link, round trip in seconds)
-WAN_CASES = [("mixed", "source", 0.020), ("mixed", "target", 0.080),
-             ("varied", "source", 0.080), ("tiny", "source", 0.080)]
+WAN_DEPTH = 4 * 1024 * 1024  # bytes a connection may have queued on a deep link
+# (corpus, the server behind the link, round trip in seconds, bytes a second each way, the
+# link's queue: "fair" or "deep" (see tests/linkproxy.py), Orthanc's push timed too)
+WAN_CASES = [("mixed", "source", 0.020, WAN_RATE, "fair", True),
+             ("mixed", "target", 0.080, WAN_RATE, "fair", True),
+             ("mixed", "target", 0.080, WAN_RATE, "deep", False),
+             ("mixed", "target", 0.002, 10e6, "deep", False),
+             ("varied", "source", 0.080, WAN_RATE, "fair", True),
+             ("varied", "target", 0.080, WAN_RATE, "fair", False),
+             ("tiny", "source", 0.080, WAN_RATE, "fair", True)]
 WAN_PUSH_LIMIT = 120.0  # seconds of Orthanc's push across the link before it is projected
 
 
@@ -460,14 +467,16 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
     same run: there the link is not what limits, and the goal is to lose nothing to it."""
     from linkproxy import LinkProxy
     deep = scale == "smoke"
-    lines = ["| corpus | behind the link | round trip | size | link floor | replicate.py | "
-             "/ floor | peak RSS | replicate.py CPU | Orthanc's push |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| corpus | behind the link | round trip | rate | queue | size | link floor | "
+             "replicate.py | / floor | link bytes / size | peak RSS | replicate.py CPU | "
+             "target CPU | Orthanc's push |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: |"]
     notes = []
     source: Optional[OrthancServer] = None  # loaded with `loaded`; cases of a corpus follow
     loaded = ""
     try:
-        for corpus, side, rtt in WAN_CASES:
+        for corpus, side, rtt, rate, queue, timed_push in WAN_CASES:
             if corpus != loaded:
                 if source is not None:
                     discard(source)
@@ -475,13 +484,15 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
                 loaded = corpus
                 load(source, generate(corpus, scale, cache))
             size = int(source.get("/statistics")["TotalUncompressedSize"])
-            link_floor = size / WAN_RATE
+            link_floor = size / rate
+            depth = WAN_DEPTH if queue == "deep" else None
 
             target = fresh_target(work, "wan-ours")
-            proxy = LinkProxy((source if side == "source" else target).port, rtt, WAN_RATE)
+            proxy = LinkProxy((source if side == "source" else target).port, rtt, rate, depth)
             urls = ((proxy.url, target.url) if side == "source" else (source.url, proxy.url))
             settle()
             timing, rss, _, _ = ours(source, target, target.folder / "save", urls=urls)
+            moved = proxy.up.moved + proxy.down.moved
             proxy.close()
             check_copy(source, target, deep)
             discard(target)
@@ -496,29 +507,32 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
                              f"{timing.seconds / local.seconds:.2f}")
             # The push goes from the source to the target: the link sits in front of the
             # target whichever side the case puts it on, and carries the same bytes.
-            target = fresh_target(work, "wan-push")
-            proxy = LinkProxy(target.port, rtt, WAN_RATE)
-            settle()
-            pushed = push(source, target, corpus in PUSH_PER_STUDY, peer_url=proxy.url,
-                          limit=push_limit)
-            proxy.close()
-            if pushed.share >= 1:
-                check_copy(source, target, deep)
-                push_text = f"{pushed.seconds:.1f} s ({pushed.seconds / link_floor:.2f}x)"
-            else:
-                projected = pushed.seconds / max(pushed.share, 1e-6)
-                push_text = (f"cut at {pushed.seconds:.0f} s, {pushed.share:.0%} done: about "
-                             f"{projected:.0f} s ({projected / link_floor:.1f}x)")
-            discard(target)
-            lines.append(f"| {corpus} | {side} | {rtt * 1000:.0f} ms | "
-                         f"{replicate.format_bytes(size)} | {link_floor:.2f} s | "
+            push_text = "-"
+            if timed_push:
+                target = fresh_target(work, "wan-push")
+                proxy = LinkProxy(target.port, rtt, rate, depth)
+                settle()
+                pushed = push(source, target, corpus in PUSH_PER_STUDY, peer_url=proxy.url,
+                              limit=push_limit)
+                proxy.close()
+                if pushed.share >= 1:
+                    check_copy(source, target, deep)
+                    push_text = f"{pushed.seconds:.1f} s ({pushed.seconds / link_floor:.2f}x)"
+                else:
+                    projected = pushed.seconds / max(pushed.share, 1e-6)
+                    push_text = (f"cut at {pushed.seconds:.0f} s, {pushed.share:.0%} done: "
+                                 f"about {projected:.0f} s ({projected / link_floor:.1f}x)")
+                discard(target)
+            lines.append(f"| {corpus} | {side} | {rtt * 1000:.0f} ms | {rate / 1e6:.0f} MB/s | "
+                         f"{queue} | {replicate.format_bytes(size)} | {link_floor:.2f} s | "
                          f"{timing.seconds:.2f} s | {timing.seconds / link_floor:.2f} | "
-                         f"{rss / 1024:.0f} MB | {timing.client_cpu:.1f} s | {push_text} |")
+                         f"{moved / size:.2f} | {rss / 1024:.0f} MB | "
+                         f"{timing.client_cpu:.1f} s | {timing.target_cpu:.1f} s | {push_text} |")
     finally:
         if source is not None:
             discard(source)
-    return [f"across a link of {WAN_RATE / 1e6:.0f} MB/s each way (tests/linkproxy.py), "
-            "default options:", ""] + lines + [""] + notes
+    return ["across a link (tests/linkproxy.py), default options; link bytes count both "
+            "directions:", ""] + lines + [""] + notes
 
 
 RERUN_CORPORA = {"tiny", "scale20k", "scale", "onestudy"}

@@ -678,3 +678,28 @@ def test_rate_limiter_follows_the_timetable_inside_a_run() -> None:
     for _ in range(3):
         limiter.take(1024)
     assert clock.sleeps[-2:] == pytest.approx([0.5, 0.5])  # 2 KB/s
+
+
+def test_a_deflated_zip_reads_back_and_stores_what_does_not_shrink() -> None:
+    import io
+    import os
+    import zipfile
+    shrinks, random_bytes = b"\x00\x01" * 50_000, os.urandom(20_000)
+    parts = replicate.zip_parts([("a.dcm", shrinks), ("b.dcm", random_bytes)], deflate=True)
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(parts)))
+    assert archive.read("a.dcm") == shrinks and archive.read("b.dcm") == random_bytes
+    methods = {info.filename: info.compress_type for info in archive.infolist()}
+    assert methods == {"a.dcm": zipfile.ZIP_DEFLATED, "b.dcm": zipfile.ZIP_STORED}
+    assert sum(map(len, parts)) < len(shrinks) // 10 + len(random_bytes) + 500
+
+
+def test_prefixed_reader_gives_what_was_read_first_then_the_rest() -> None:
+    import io
+    rest = io.BytesIO(b"DEFGHIJ")
+    read = replicate.prefixed(b"ABC", rest.read)
+    assert [read(2), read(2), read(4), read(4)] == [b"AB", b"C", b"DEFG", b"HIJ"]
+    body = replicate.UploadBody(replicate.prefixed(b"ABC", io.BytesIO(b"DE").read), 6,
+                                threading.Event())
+    with pytest.raises(replicate.TruncatedDownload):
+        while body.read(4):
+            pass
