@@ -2712,6 +2712,18 @@ exit statuses:
        delete what it receives (a storage limit in "Recycle" mode)
   3    a server cannot be reached, refuses the credentials, or is not an Orthanc
   130  interrupted; the save file is consistent, run again to resume
+
+examples:
+  copy everything; the same command again resumes, or copies what arrived since:
+    replicate.py http://old:8042 http://new:8042
+  a password from the environment rather than the command line:
+    REPLICATE_TARGET_PASSWORD=... replicate.py http://old:8042 http://admin@new:8042
+  the cut-over: keep the new server a mirror, then prove it before the switch:
+    replicate.py http://old:8042 http://new:8042 --follow --delete --max-delete 1000
+    replicate.py http://old:8042 http://new:8042 --check --recheck --delete --csv diff.csv
+  between sites: a proxy's API key, a client certificate, 2 MB/s by day only:
+    replicate.py http://old:8042 https://pacs.site-b --target-header "api-key: env:KEY" \\
+        --client-cert me.pem --client-key me.key --bwlimit "07:00,2M 20:00,off"
 """
 
 
@@ -3263,8 +3275,8 @@ def check_lines(outcome: Outcome, differences: "Differences", verify: bool,
     lines = [f"Compared:      {format_count(outcome.studies_checked)} studies instance by "
              f"instance, {format_count(outcome.studies_skipped)} taken on trust (complete in "
              "an earlier run and untouched since; --recheck looks at them)",
-             f"Missing:       {format_count(outcome.missing)} instances in "
-             f"{format_count(outcome.studies_missing)} studies lack on the target"]
+             f"Missing:       {format_count(outcome.missing)} instances the target lacks, "
+             f"in {format_count(outcome.studies_missing)} studies"]
     if verify:
         lines.append(f"Different:     {format_count(counts['different'])} instances (stored MD5)")
     lines.append(f"Only target:   {format_count(studies['extra-study'])} studies and "
@@ -3388,7 +3400,7 @@ class Run:
             if config.delete:
                 self.mirror(whole)
             if config.dry_run:
-                self.say(f"{'Check' if config.check else 'Dry run'}:       nothing was written "
+                self.say(f"{'Check:' if config.check else 'Dry run:':<15}nothing was written "
                          "to the target or the save file")
                 return
             if metadata is not None:
