@@ -24,7 +24,8 @@ from dicomgen import orthanc_id, write_corpus
 from faultproxy import Fault, FaultProxy, cycling
 from orthanc import PASSWORD, USER, OrthancServer
 from test_replicate import (CORPUS_SIZE, REFUSE_LUA, SCRIPT, args, journal_studies, lua, run,
-                            slow_lua, start_process, summary_value, wait_for)
+                            slow_lua, slow_request_lua, start_process, summary_value,
+                            wait_for)
 
 
 def proxied(source: OrthancServer, proxy: FaultProxy, save: Path, *extra: str) -> list[str]:
@@ -87,15 +88,8 @@ def test_a_listing_slower_than_timeout_is_waited_for(make_server, source, tmp_pa
                                                       capsys) -> None:
     # Orthanc answers GET /studies only once it has every ID: on a big archive, longer than
     # a request's --timeout
-    target = make_server("TARGET", LuaScripts=[lua(tmp_path, "slow-listing", """
-function IncomingHttpRequestFilter(method, uri, ip, username, headers)
-  if method == "GET" and uri == "/studies" then
-    print("SLOW-LISTING")
-    os.execute("sleep 2.5")
-  end
-  return true
-end
-""")])
+    target = make_server("TARGET", LuaScripts=[
+        slow_request_lua(tmp_path, "GET", "/studies", "SLOW-LISTING", 2.5)])
     code, out, err = run(capsys, args(source, target, tmp_path / "save", "--timeout", "1",
                                       "--retries", "0"))
     assert code == 0, err

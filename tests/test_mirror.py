@@ -17,8 +17,8 @@ import requests
 import replicate
 from dicomgen import make_instance, write_corpus, write_dicom
 from orthanc import PASSWORD, USER, OrthancServer
-from test_replicate import (CORPUS_SIZE, args, lua, run, start_process, summary_value,
-                            wait_for)
+from test_replicate import (CORPUS_SIZE, args, run, slow_request_lua, start_process,
+                            summary_value, wait_for)
 
 OTHER = ("modality", "other-password")  # someone else who uploads to the target
 USERS = {USER: PASSWORD, OTHER[0]: OTHER[1]}
@@ -246,21 +246,11 @@ def test_a_study_deleted_during_follow_leaves_within_the_interval(source, target
     assert target.instances() == source.instances()
 
 
-SLOW_BULK_DELETE = """
-function IncomingHttpRequestFilter(method, uri, ip, username, headers)
-  if method == "POST" and uri == "/tools/bulk-delete" then
-    print("BULK-DELETE")
-    os.execute("sleep 1")
-  end
-  return true
-end
-"""
-
-
 def test_a_run_killed_during_deletions_resumes_cleanly(make_server, source, tmp_path,
                                                        capsys) -> None:
     target = make_server("TARGET", users=USERS,
-                         LuaScripts=[lua(tmp_path, "slow-delete", SLOW_BULK_DELETE)])
+                         LuaScripts=[slow_request_lua(tmp_path, "POST", "/tools/bulk-delete",
+                                                      "BULK-DELETE", 1)])
     save = tmp_path / "save"
     copied(source, target, save, capsys)
     for study in sorted(source.get("/studies"))[:3]:

@@ -34,6 +34,20 @@ def lua(tmp_path: Path, name: str, text: str) -> str:
     return str(path)
 
 
+def slow_request_lua(tmp_path: Path, method: str, uri: str, marker: str,
+                     seconds: float) -> str:
+    """A server that prints `marker` in its log and takes `seconds` for each METHOD URI."""
+    return lua(tmp_path, f"slow-{marker.lower()}", f"""
+function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  if method == "{method}" and uri == "{uri}" then
+    print("{marker}")
+    os.execute("sleep {seconds}")
+  end
+  return true
+end
+""")
+
+
 def slow_lua(tmp_path: Path, seconds: float) -> str:
     """A target that takes `seconds` to accept each instance, so a run can be caught mid-way."""
     return lua(tmp_path, "slow", f"""
