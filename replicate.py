@@ -2090,7 +2090,8 @@ class Copier:
             if encoding == "identity" and length is not None:
                 # Read as it comes: asked to decode, urllib3 would copy each block once more.
                 read = partial(download.read, decode_content=False)
-                first = read(min(PROBE_BYTES, int(length)))
+                # The first bytes decide whether to deflate, for a distant target only.
+                first = read(min(PROBE_BYTES, int(length))) if self.target.distant else b""
                 if self.deflate_upload(first):  # gzip-encoded as read (Orthanc 1.6+ takes it)
                     body: Any = self.paced(self.gzipped(
                         itertools.chain([first], iter(partial(read, CHUNK_SIZE), b"")),
