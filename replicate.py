@@ -857,12 +857,14 @@ class OrthancClient:
             "User-Agent": f"replicate.py/{__version__}", "Accept-Encoding": "identity",
             "Accept": "*/*"})
         requests.auth.HTTPBasicAuth(endpoint.username, endpoint.password)(template)
-        self.headers = dict(template.headers)
-        # A proxy's own headers (--header) go with every request; an Authorization header
-        # given there replaces the basic credentials.
+        # A proxy's own headers (--header) go with every request and replace the tool's of
+        # the same name, whatever its case: an Authorization header replaces the basic
+        # credentials.
+        given = {name.lower() for name, _ in endpoint.headers}
+        self.headers = {name: value for name, value in template.headers.items()
+                        if name.lower() not in given}
         self.headers.update(endpoint.headers)
-        self.basic_auth = not any(name.lower() == "authorization"
-                                  for name, _ in endpoint.headers)
+        self.basic_auth = "authorization" not in given
         self.prefix = urllib.parse.urlsplit(endpoint.url).path.rstrip("/")
         self.timeout = urllib3.Timeout(connect=min(10.0, policy.timeout), read=policy.timeout)
         self.find_caps: dict[str, Optional[int]] = {}  # level -> what its finds return at most
@@ -880,11 +882,11 @@ class OrthancClient:
             session = requests.Session()
             if self.basic_auth:
                 session.auth = (self.endpoint.username, self.endpoint.password)
-            session.headers.update(self.endpoint.headers)
             session.cert = self.endpoint.cert
             # Orthanc 1.10 deflates every answer when asked to, which is slower than the network.
             session.headers["Accept-Encoding"] = "identity"
             session.headers["User-Agent"] = f"replicate.py/{__version__}"
+            session.headers.update(self.endpoint.headers)  # as in send: the given ones win
             session.trust_env = False
             session.verify = self.tls_verify
             adapter = BlockAdapter(pool_maxsize=2)

@@ -703,3 +703,18 @@ def test_prefixed_reader_gives_what_was_read_first_then_the_rest() -> None:
     with pytest.raises(replicate.TruncatedDownload):
         while body.read(4):
             pass
+
+
+def test_a_header_given_in_any_case_replaces_the_tools_own() -> None:
+    endpoint = replicate.Endpoint("target", "http://new:8042", "orthanc", "secret",
+                                  headers=(("authorization", "Bearer t0ken"),
+                                           ("user-agent", "site-gateway")))
+    client = replicate.OrthancClient(endpoint, RetryPolicy(), threading.Event())
+    sent = {name.lower(): value for name, value in client.headers.items()}
+    assert len(sent) == len(client.headers)  # no name twice, whatever its case
+    assert sent["authorization"] == "Bearer t0ken" and sent["user-agent"] == "site-gateway"
+    session = client.session()  # what check() asks with: the same headers, no basic auth
+    assert session.auth is None
+    assert session.headers["Authorization"] == "Bearer t0ken"
+    assert session.headers["User-Agent"] == "site-gateway"
+    client.close()
