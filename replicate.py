@@ -818,11 +818,12 @@ def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
                 raise
             if attempt > policy.retries:
                 raise GaveUp(error, attempt, what) from error
+            reason = describe_error(error)
             # A kept-alive connection the server had closed: at once, on a new one.
-            delay = 0.0 if attempt == 1 and describe_error(error) == \
-                "remote end closed connection" else policy.delay(attempt)
-            log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what,
-                      describe_error(error), attempt, policy.retries + 1, delay)
+            delay = 0.0 if attempt == 1 and reason == "remote end closed connection" \
+                else policy.delay(attempt)
+            log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what, reason, attempt,
+                      policy.retries + 1, delay)
             if stop.wait(delay):
                 raise Interrupted() from None
             attempt += 1
