@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Optional
 
-from orthanc import free_port
+from orthanc import free_port, listens, stop_gently, wait_until_ready
 
 NGINX_BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -80,26 +78,12 @@ http {{
         self.process = subprocess.Popen([NGINX_BINARY, "-c", str(path), "-p", str(self.folder)],
                                         stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("nginx exited at start: "
-                                   + (self.folder / "stderr.log").read_text(errors="replace"))
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nginx did not listen in 20 s")
+        wait_until_ready(self.process, lambda: listens(self.port), "nginx", 20,
+                         lambda: (self.folder / "stderr.log").read_text(errors="replace"))
+        return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_gently(self.process, signal.SIGQUIT, 10)
         self.process = None
 
 

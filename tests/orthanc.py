@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import requests
 
@@ -34,6 +34,40 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def listens(port: int) -> bool:
+    """Whether something accepts connections on that port of 127.0.0.1."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_ready(process: subprocess.Popen, ready: Callable[[], bool], what: str,
+                     seconds: float, log: Callable[[], str]) -> None:
+    """Poll `ready` until it holds; a process that exits first, or one not ready in time,
+    raises with the end of its log."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited at start: {log()}")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} was not ready in {seconds:.0f} s: {log()}")
+
+
+def stop_gently(process: Optional[subprocess.Popen], signum: int, seconds: float) -> None:
+    """Ask a process to stop with `signum`; kill it if it has not within `seconds`."""
+    if process and process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class OrthancServer:
@@ -97,17 +131,14 @@ class OrthancServer:
                                         stderr=subprocess.STDOUT, cwd=self.folder,
                                         preexec_fn=self._limits if self.file_size_limit else None)
         log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited at start: {self.log_tail()}")
+
+        def answers() -> bool:
             try:
-                if self.session.get(self.url + "/system", timeout=2).status_code == 200:
-                    return self
+                return self.session.get(self.url + "/system", timeout=2).status_code == 200
             except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"Orthanc did not answer in 30 s: {self.log_tail()}")
+                return False
+        wait_until_ready(self.process, answers, "Orthanc", 30, self.log_tail)
+        return self
 
     def _limits(self) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -118,13 +149,7 @@ class OrthancServer:
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_gently(self.process, signal.SIGTERM, 30)
         self.process = None
 
     def kill(self) -> None:
@@ -231,17 +256,9 @@ class MariaDBServer:
              "--skip-grant-tables", "--skip-log-bin", "--innodb-flush-log-at-trx-commit=0"],
             stdout=log, stderr=subprocess.STDOUT, cwd="/")
         log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("MariaDB exited at start: "
-                                   + (self.folder / "log").read_text(errors="replace")[-2000:])
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("MariaDB did not listen in 60 s")
+        wait_until_ready(self.process, lambda: listens(self.port), "MariaDB", 60,
+                         lambda: (self.folder / "log").read_text(errors="replace")[-2000:])
+        return self
 
     def create_database(self, name: str) -> None:
         subprocess.run(["mariadb", "--protocol=tcp", "-h", "127.0.0.1", "-P", str(self.port),
