@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """replicate.py: copy the whole content of one Orthanc server to another through their REST APIs.
 
-usage: python replicate.py SOURCE TARGET [options]
+usage: python replicate.py SOURCE TARGET [options]   (--help lists them, with exit statuses)
 
 SOURCE and TARGET are http(s)://[user:password@]host:port[/prefix]. Both servers keep running.
 The tool walks the source study by study, finds by Orthanc instance ID what the target lacks
@@ -9,16 +9,24 @@ of each and copies it at once; nothing the target already has is sent again and 
 target is touched. Interrupt it at any time and run the same command again to resume: studies
 complete since the last run and untouched in the source's change log are not looked at again.
 
-Exit statuses:
-  0    everything selected is on the target
-  1    failures remain (instances named on stderr), the target deleted studies it had
-       stored, --max-delete stopped the deletions, --check found a difference, or an
-       unexpected error
-  2    usage error: bad option value, malformed URL, the same server twice, unusable save
-       file; or a target set to store nothing (ReadOnly) or to delete what it receives
-       (a MaximumPatientCount or MaximumStorageSize that recycles)
-  3    a server cannot be reached, refuses the credentials, or is not an Orthanc
-  130  interrupted (Ctrl-C); the save file is consistent, run again to resume
+The file reads top down, each section using only what stands above it: facts (constants,
+errors, data classes, pure helpers); the Orthanc client; walking the source (listings, finds,
+the change log); the journal (save file); the transfer engine (Copier) and progress; then the
+stages of a run, each a section that owns its state, and the command line and main. A run:
+
+    Run.execute: connect, preflight (the target's settings), open the Journal
+      -> resume: what the save file lets the run skip (the change log since its mark)
+      -> Walk: studies checked a few ahead of the Copier's transfers; Mirror.observe
+      -> Mirror.finish (--check, --delete) -> MetadataPass -> Confirmation -> verify_all
+      -> Follow (--follow): the same Walk for each look at the change log
+
+For a program built on this file, the API is `Config.from_argv(argv)` and
+`replicate(config) -> Outcome`, which runs as the command does (summary on stdout, errors on
+stderr) and returns the counts and the exit status:
+
+    config = Config.from_argv(["http://old:8042", "http://new:8042", "--save", "old.save"])
+    outcome = replicate(config)
+    print(outcome.copied, outcome.failed, outcome.exit_status)
 """
 
 from __future__ import annotations
@@ -263,6 +271,12 @@ class Config:
     check: bool = False  # compare only: write nothing anywhere
     csv: Optional[Path] = None  # --check: every difference, as CSV
 
+    @classmethod
+    def from_argv(cls, argv: list[str], environ: Optional[dict] = None) -> "Config":
+        """The configuration `python replicate.py ARGV...` would run with; passwords and
+        headers may come from `environ` (default: os.environ). Raises UsageError."""
+        return parse_config(argv, dict(os.environ if environ is None else environ))
+
 
 class Instance:
     """One instance to copy. Slots keep the plan small: a few hundred bytes an instance."""
@@ -318,6 +332,20 @@ class BatchResult:
         if self.target_full is None and target_cannot_store(error):
             self.target_full = str(error)
 
+    def answered(self, instance: Instance, status: Optional[str]) -> None:
+        """What the target's answer to an upload said of the instance."""
+        if status == "Success":
+            self.stored.append(instance)
+        elif status == "AlreadyStored":
+            self.already.append(instance)
+        else:
+            self.failed.append((instance, f"the target answered Status {status}"))
+
+    def add(self, other: "BatchResult") -> None:
+        for name in ("stored", "already", "failed", "vanished"):
+            getattr(self, name).extend(getattr(other, name))
+        self.target_full = self.target_full or other.target_full
+
 
 @dataclass
 class Outcome:
@@ -352,10 +380,21 @@ class Outcome:
     deleted: list[tuple[str, int, int]] = field(default_factory=list)
     would_delete: list[tuple[str, int, int]] = field(default_factory=list)
     delete_refused: Optional[str] = None
+    exit_status: int = EXIT_OK  # the command's (see the module's docstring)
+    error: Optional[str] = None  # the line that says why an error ended the run, if one did
 
     @property
     def already_there(self) -> int:
         return self.skipped_instances + self.present + self.already
+
+    def fail_study(self, study: str, what: str, error: BaseException) -> None:
+        """A failure named by study: `what` could not be done, and why."""
+        self.failed.append((study, f"{what}: {describe_error(error)}"))
+        self.failed_studies.add(study)
+
+    def kind(self, failed: str) -> str:
+        """What a failure names: a study or an instance."""
+        return "study" if failed in self.failed_studies else "instance"
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -865,7 +904,6 @@ class OrthancClient:
         self.headers = {name: value for name, value in template.headers.items()
                         if name.lower() not in given}
         self.headers.update(endpoint.headers)
-        self.basic_auth = "authorization" not in given
         self.prefix = urllib.parse.urlsplit(endpoint.url).path.rstrip("/")
         self.timeout = urllib3.Timeout(connect=min(10.0, policy.timeout), read=policy.timeout)
         self.find_caps: dict[str, Optional[int]] = {}  # level -> what its finds return at most
@@ -881,13 +919,8 @@ class OrthancClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            if self.basic_auth:
-                session.auth = (self.endpoint.username, self.endpoint.password)
+            session.headers.update(self.headers)  # send's: the credentials, --header
             session.cert = self.endpoint.cert
-            # Orthanc 1.10 deflates every answer when asked to, which is slower than the network.
-            session.headers["Accept-Encoding"] = "identity"
-            session.headers["User-Agent"] = f"replicate.py/{__version__}"
-            session.headers.update(self.endpoint.headers)  # as in send: the given ones win
             session.trust_env = False
             session.verify = self.tls_verify
             adapter = BlockAdapter(pool_maxsize=2)
@@ -1315,33 +1348,31 @@ def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optiona
     return found
 
 
-def select_studies(source: OrthancClient, query: dict[str, str], studies: list[str]) -> list[str]:
-    """Study IDs of the selection: those matching every --query tag, plus each --study."""
-    selected: list[str] = []
-    if query:
-        selected = find_all(source, {"Level": "Study", "Query": query, "Expand": False})
-    chosen = set(selected)
+def select_studies(server: OrthancClient, query: dict[str, str], studies: list[str],
+                   unknown: Optional[list[str]] = None) -> list[str]:
+    """Study IDs of the selection on a server: those matching every --query tag, then each
+    --study's, in the order given, each once. A --study that names no study there goes to
+    `unknown`; without `unknown`, it is an error."""
+    selected = dict.fromkeys(find_all(server, {"Level": "Study", "Query": query,
+                                               "Expand": False}) if query else [])
     for study in studies:
-        for found in find_study(source, study):
-            if found not in chosen:
-                selected.append(found)
-                chosen.add(found)
-    return selected
+        found = find_study(server, study)
+        if not found and unknown is None:
+            raise UsageError(f"--study {study}: no such study on the {server.role} (give an "
+                             "Orthanc study ID or a StudyInstanceUID)")
+        if not found:
+            unknown.append(study)  # type: ignore[union-attr]
+        selected.update(dict.fromkeys(found))
+    return list(selected)
 
 
-def find_study(source: OrthancClient, study: str) -> list[str]:
+def find_study(server: OrthancClient, study: str) -> list[str]:
     """The Orthanc IDs a --study value names: itself, or the studies with that StudyInstanceUID
-    (one per patient that has it)."""
+    (one per patient that has it); none when the server has no such study."""
     if ORTHANC_ID.fullmatch(study):
-        if unless_missing(lambda: source.get(f"/studies/{study}")) is not None:
-            return [study]
-    else:
-        found = source.json("POST", "/tools/lookup", data=study.encode())
-        ids = [record["ID"] for record in found if record.get("Type") == "Study"]
-        if ids:
-            return ids
-    raise UsageError(f"--study {study}: no such study on the source (give an Orthanc study ID "
-                     "or a StudyInstanceUID)")
+        return [study] if unless_missing(lambda: server.get(f"/studies/{study}")) else []
+    found = server.json("POST", "/tools/lookup", data=study.encode())
+    return [record["ID"] for record in found if record.get("Type") == "Study"]
 
 
 @dataclass
@@ -1466,129 +1497,6 @@ def touched_studies(source: OrthancClient, changes: list[dict], threads: int) ->
         if record is not None:
             studies.add(record["ID"])
     return studies
-
-
-def metadata_values(server: OrthancClient, path: str) -> dict[str, str]:
-    """A resource's metadata, name -> value. Orthanc before 1.4 ignores ?expand and lists
-    the names only: their values are then read one by one (system metadata are not)."""
-    found = server.get(path + "/metadata?expand")
-    if isinstance(found, dict):
-        return found
-    return {name: server.text(f"{path}/metadata/{name}") for name in found
-            if name not in SYSTEM_METADATA}
-
-
-def user_attachments(source: OrthancClient, path: str) -> dict[str, str]:
-    """A resource's user attachments: their name on the source -> the name to write on the
-    target, which is their number when the source tells it (?full, Orthanc 1.10+). Older
-    sources list names only: a user attachment is then its number or its UserContentType
-    name, which the target must declare too."""
-    listed = source.get(path + "/attachments?full")
-    if isinstance(listed, dict):
-        return {name: str(number) for name, number in listed.items() if int(number) >= USER_MIN}
-    return {name: name for name in listed if name not in SYSTEM_ATTACHMENTS
-            and not (name.isdigit() and int(name) < USER_MIN)}
-
-
-def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
-                  resource: str) -> tuple[int, list[str]]:
-    """Copy a resource's user metadata and user attachments (index 1024-65535) where the
-    target's differ. Returns (items written, problems). A resource missing on either side is
-    skipped: a missing instance is already reported as a failed copy."""
-    path = f"/{LEVEL_PATHS[level]}/{resource}"
-    try:
-        wanted = metadata_values(source, path)
-        present = metadata_values(target, path)
-        attachments = user_attachments(source, path)
-    except HttpStatusError as error:
-        if error.status == 404:
-            return 0, []
-        raise
-    written, problems = 0, []
-    for name, value in wanted.items():
-        if name in SYSTEM_METADATA or present.get(name) == value:
-            continue
-        try:
-            target.send("PUT", f"{path}/metadata/{name}", data=value.encode("utf-8"))
-            written += 1
-        except HttpStatusError as error:
-            problems.append(f"metadata {name!r} of {level.lower()} {resource}: {error} (does "
-                            "the target declare it in UserMetadata?)")
-    for name, target_name in attachments.items():
-        expected = source.text(f"{path}/attachments/{name}/md5")
-        found = unless_missing(lambda: target.text(f"{path}/attachments/{target_name}/md5"))
-        if found == expected:
-            continue
-        data = source.send("GET", f"{path}/attachments/{name}/data").data
-        try:
-            target.send("PUT", f"{path}/attachments/{target_name}", data=data)
-            written += 1
-        except HttpStatusError as error:
-            problems.append(f"attachment {name!r} of {level.lower()} {resource}: {error}"
-                            + ("" if target_name.isdigit() else
-                               " (does the target declare it in UserContentType?)"))
-    return written, problems
-
-
-def labelled_resources(source: OrthancClient) -> list[tuple[str, str]]:
-    """(level, ID) of every resource that carries a label on the source: none before Orthanc
-    1.12 or on an index without labels."""
-    if not source.system.get("HasLabels"):
-        return []
-    labels = source.get("/tools/labels")
-    if not labels:
-        return []
-    found = []
-    for level in LEVEL_PATHS:
-        ids = find_all(source, {"Level": level, "Query": {}, "Labels": labels,
-                                "LabelsConstraint": "Any"})
-        found.extend((level, resource) for resource in ids)
-    return found
-
-
-def sync_labels(source: OrthancClient, target: OrthancClient, level: str,
-                resource: str) -> tuple[int, list[str]]:
-    """Add on the target the labels the source gives a resource; those only the target has
-    stay. A resource missing on either side is skipped, as by sync_metadata."""
-    path = f"/{LEVEL_PATHS[level]}/{resource}"
-    wanted = unless_missing(lambda: source.get(path + "/labels"))
-    present = unless_missing(lambda: target.get(path + "/labels"))
-    if wanted is None or present is None:
-        return 0, []
-    written, problems = 0, []
-    for label in sorted(set(wanted) - set(present)):
-        try:
-            target.send("PUT", f"{path}/labels/{label}")
-            written += 1
-        except HttpStatusError as error:
-            problems.append(f"label {label!r} of {level.lower()} {resource}: {error}")
-    return written, problems
-
-
-def verify_study(source: OrthancClient, target: OrthancClient, study: str, threads: int,
-                 compare: bool = True) -> tuple[int, int, list[tuple[str, str]]]:
-    """Compare the MD5 that each server stored for every instance of a study (no file is
-    downloaded); without `compare` (a target that transcodes what it receives), only that
-    each is there. Returns (instances checked, instances gone from the source, problems)."""
-    layout = study_layout(source, study) or {}
-    instance_ids = [instance for instances in layout.values() for instance in instances]
-
-    def one(instance_id: str) -> tuple[Optional[str], Optional[str]]:
-        expected = source.md5(instance_id)
-        return expected, target.md5(instance_id) if expected is not None else None
-
-    problems: list[tuple[str, str]] = []
-    vanished = 0
-    for instance_id, (expected, found) in zip(instance_ids,
-                                              parallel_map(one, instance_ids, threads)):
-        if expected is None:
-            vanished += 1
-        elif found is None:
-            problems.append((instance_id, "missing on the target"))
-        elif found != expected and compare:
-            problems.append((instance_id, f"different on the target (MD5 {found}, "
-                                          f"{expected} on the source)"))
-    return len(instance_ids) - vanished, vanished, problems
 
 
 # ---- the journal (save file) ----------------------------------------------------------------
@@ -2019,19 +1927,13 @@ class Copier:
         unconfirmed = []
         for instance in batch.instances:
             status = answers.get(instance.id)
-            if status == "Success":
-                result.stored.append(instance)
-            elif status == "AlreadyStored":
-                result.already.append(instance)
-            elif status:
-                result.failed.append((instance, f"the target answered Status {status}"))
+            if status:
+                result.answered(instance, status)
             else:
                 unconfirmed.append(instance)
         if unconfirmed:
             # Answers for refused files may carry no ID; only one by one tells which and why.
-            single = self.copy_singles(batch, unconfirmed)
-            for name in ("stored", "already", "failed", "vanished"):
-                getattr(result, name).extend(getattr(single, name))
+            result.add(self.copy_singles(batch, unconfirmed))
         return result
 
     def copy_halves(self, batch: Batch) -> BatchResult:
@@ -2039,10 +1941,7 @@ class Copier:
         middle = len(batch.instances) // 2
         result = BatchResult(batch)
         for half in (batch.instances[:middle], batch.instances[middle:]):
-            part = self.copy(Batch(batch.mode, half))
-            for name in ("stored", "already", "failed", "vanished"):
-                getattr(result, name).extend(getattr(part, name))
-            result.target_full = result.target_full or part.target_full
+            result.add(self.copy(Batch(batch.mode, half)))
         return result
 
     def copy_singles(self, batch: Batch, instances: list[Instance]) -> BatchResult:
@@ -2067,12 +1966,8 @@ class Copier:
             if status in STORED_STATUSES and answer.get("ID") not in (None, instance.id):
                 result.failed.append((instance, f"the target stored it as {answer.get('ID')} "
                                                 "(does it transcode what it receives?)"))
-            elif status == "Success":
-                result.stored.append(instance)
-            elif status == "AlreadyStored":
-                result.already.append(instance)
             else:
-                result.failed.append((instance, f"the target answered Status {status}"))
+                result.answered(instance, status)
         return result
 
     def vanished(self, instance: Instance) -> bool:
@@ -2350,7 +2245,7 @@ def parts_reader(parts: list[bytes]) -> Callable[[int], bytes]:
 ZIP_DATE = (1 << 5) | 1  # 1980-01-01, the first day a ZIP can say
 
 
-# ---- progress and the final report ----------------------------------------------------------
+# ---- progress -------------------------------------------------------------------------------
 class Progress:
     """An alive-progress bar on stderr when it is a terminal; else, when `log_every` is given
     (a run under cron, nohup or systemd), a progress line in the log that often; else
@@ -2436,6 +2331,22 @@ def format_duration(seconds: float) -> str:
     return f"{days} d {hours} h"
 
 
+# ---- the walk: checks feeding transfers -----------------------------------------------------
+@dataclass
+class Context:
+    """What the stages of a run share: the options, the two servers, the save file, the
+    copier, what happened so far, and the selection (None: the whole source)."""
+
+    config: Config
+    stop: threading.Event
+    source: OrthancClient
+    target: OrthancClient
+    journal: Journal
+    copier: Copier
+    outcome: Outcome
+    selected: Optional[list[str]] = None
+
+
 class Walk:
     """Plans and copies at once: studies are checked (what does the target lack of each?) a
     few ahead of the transfers, their missing instances cut into batches as they come, and
@@ -2448,11 +2359,11 @@ class Walk:
     caller's outcome means that a Ctrl-C at any point leaves it counting every batch that
     was collected."""
 
-    def __init__(self, config: Config, copier: Copier, journal: Journal, progress: Progress,
-                 stop: threading.Event, outcome: Outcome,
+    def __init__(self, context: Context, progress: Progress,
                  observe: Optional[Callable[[str, StudyCheck], None]] = None) -> None:
-        self.config, self.copier, self.journal = config, copier, journal
-        self.progress, self.stop, self.outcome = progress, stop, outcome
+        self.config, self.copier, self.journal = context.config, context.copier, context.journal
+        self.stop, self.outcome, self.progress = context.stop, context.outcome, progress
+        config, copier = self.config, self.copier
         self.observe = observe  # told each study's check (--delete, --check)
         self.batcher = Batcher(version_at_least(copier.target.version, (1, 8, 2)),
                                version_at_least(copier.source.version, (1, 8, 2)))
@@ -2487,21 +2398,8 @@ class Walk:
         try:
             while True:
                 stopping = self.stopping()
-                source, target = self.copier.source, self.copier.target
-                width = self.check_pace.width(max(source.latency, target.latency))
-                if source.distant or target.distant:  # listings are light: look further ahead
-                    width = max(width, min(CHECKS_AHEAD, self.check_pace.high))
-                self.check_gate.resize(width)
-                while (more and not stopping
-                       and len(self.checks) < max(CHECKS_AHEAD, 2 * self.check_gate.limit)
-                       and self.ready_count + self.batcher.waiting < WAITING_MAX):
-                    study = next(pending, None)
-                    if study is None:
-                        more = False
-                        break
-                    future = checkers.submit(self.check, study, on_target(study))
-                    future.add_done_callback(self.ended.put)
-                    self.checks[future] = study
+                if more and not stopping:
+                    more = self.submit_checks(checkers, pending, on_target)
                 # A batch not yet full goes when the workers would otherwise idle, or at the end.
                 if not self.ready and (len(self.transfers) < max(1, config.threads // 2)
                                        or (not more and not self.checks)):
@@ -2543,6 +2441,25 @@ class Walk:
             checkers.shutdown(wait=False, cancel_futures=True)
             senders.shutdown(wait=False, cancel_futures=True)
 
+    def submit_checks(self, checkers: ThreadPoolExecutor, pending: Iterator[str],
+                      on_target: Callable[[str], bool]) -> bool:
+        """Start checking the next studies, as many as the pace allows and the batches waiting
+        leave room for. Whether any study is left."""
+        source, target = self.copier.source, self.copier.target
+        width = self.check_pace.width(max(source.latency, target.latency))
+        if source.distant or target.distant:  # listings are light: look further ahead
+            width = max(width, min(CHECKS_AHEAD, self.check_pace.high))
+        self.check_gate.resize(width)
+        while (len(self.checks) < max(CHECKS_AHEAD, 2 * self.check_gate.limit)
+               and self.ready_count + self.batcher.waiting < WAITING_MAX):
+            study = next(pending, None)
+            if study is None:
+                return False
+            future = checkers.submit(self.check, study, on_target(study))
+            future.add_done_callback(self.ended.put)
+            self.checks[future] = study
+        return True
+
     def wait_ended(self, timeout: float) -> list[Future]:
         """The checks and transfers that ended since the last look, after waiting up to
         `timeout` for one."""
@@ -2581,8 +2498,7 @@ class Walk:
             return
         except (GaveUp, HttpStatusError) as error:
             # The study could not be looked at: a failure named by study, not a lost study.
-            outcome.failed.append((study, f"could not look at it: {describe_error(error)}"))
-            outcome.failed_studies.add(study)
+            outcome.fail_study(study, "could not look at it", error)
             log.error("check failed: study %s: %s", study, describe_error(error))
             return
         outcome.studies_checked += 1
@@ -2658,6 +2574,1133 @@ class Walk:
                 + (f", {format_count(len(outcome.failed))} failed" if outcome.failed else "")
                 + ("" if limiter is None else ", no bandwidth limit now"
                    if limiter.in_force is None else f", limit {describe_rate(limiter.in_force)}"))
+
+
+# ---- what the target does with what it accepts ----------------------------------------------
+MIB = 1024 * 1024  # Orthanc's MaximumStorageSize is in these
+
+
+def storage_limits(system: dict) -> list[str]:
+    """The storage limits a target's GET /system reports (Orthanc 1.12 and newer; older ones
+    report none), as a person would write them in its configuration."""
+    limits = []
+    if int(system.get("MaximumPatientCount") or 0):
+        limits.append(f"MaximumPatientCount {system['MaximumPatientCount']}")
+    if int(system.get("MaximumStorageSize") or 0):
+        limits.append(f"MaximumStorageSize {system['MaximumStorageSize']} (MB)")
+    return limits
+
+
+def recycles(system: dict) -> bool:
+    """Whether the target deletes its oldest patients to make room (a limit in the default
+    "Recycle" mode)."""
+    return bool(storage_limits(system)) and system.get("MaximumStorageMode",
+                                                       "Recycle") == "Recycle"
+
+
+def room_problem(system: dict, source_statistics: dict,
+                 target_statistics: dict) -> Optional[str]:
+    """Which of the target's limits what it holds and the whole source could exceed, or None
+    when both fit. The source's uncompressed size is an upper bound of what the target will
+    store (Orthanc counts what it writes, compressed or not)."""
+    patients = int(system.get("MaximumPatientCount") or 0)
+    wanted = int(target_statistics["CountPatients"]) + int(source_statistics["CountPatients"])
+    if patients and wanted > patients:
+        return (f"its MaximumPatientCount is {patients}, and it holds "
+                f"{format_count(int(target_statistics['CountPatients']))} patients to which "
+                f"the source adds up to {format_count(int(source_statistics['CountPatients']))}")
+    size = int(system.get("MaximumStorageSize") or 0) * MIB
+    wanted = (int(target_statistics["TotalDiskSize"])
+              + int(source_statistics["TotalUncompressedSize"]))
+    if size and wanted > size:
+        return (f"its MaximumStorageSize is {system['MaximumStorageSize']} MB, and it holds "
+                f"{format_bytes(int(target_statistics['TotalDiskSize']))} to which the source "
+                f"adds up to {format_bytes(int(source_statistics['TotalUncompressedSize']))}")
+    return None
+
+
+def preflight(source: OrthancClient, target: OrthancClient, metadata: bool,
+              writes: bool = True) -> list[str]:
+    """Look at the target's settings before anything is copied (Orthanc 1.12 and newer tell
+    them in GET /system; older ones tell nothing, and only the confirmation at the end of the
+    run can notice a loss). Raises TargetRefused for a target that stores nothing or would
+    delete what it receives; returns the warnings to give once."""
+    system = target.system
+    if not writes:  # --check: whatever the target does with uploads, none is made
+        return []
+    if system.get("ReadOnly"):
+        raise TargetRefused(f"target {target.endpoint.url} is read-only (\"ReadOnly\": true "
+                            "in its configuration) and stores nothing; set ReadOnly to false "
+                            "and restart it")
+    warnings: list[str] = []
+    if storage_limits(system):
+        problem = room_problem(system, source.get("/statistics"), target.get("/statistics"))
+        if problem and recycles(system):
+            raise TargetRefused(
+                f"target {target.endpoint.url} would delete what it receives: {problem}, and "
+                "its MaximumStorageMode \"Recycle\" deletes its oldest patients to make room; "
+                "set MaximumPatientCount and MaximumStorageSize to 0 (no limit) in its "
+                "configuration, or raise them, and restart it")
+        if problem:
+            warnings.append(f"the target refuses what exceeds its limits (MaximumStorageMode "
+                            f"\"{system.get('MaximumStorageMode')}\"): {problem}; the copy "
+                            "will stop there")
+    transcoding = system.get("IngestTranscoding")
+    if transcoding:
+        warnings.append(f"the target transcodes what it receives to {transcoding} "
+                        "(IngestTranscoding): its files will differ from the source's, so "
+                        "--verify checks that each instance is there, not its MD5")
+    declared, accepted = source.system.get("UserMetadata"), system.get("UserMetadata")
+    if metadata and isinstance(declared, dict) and isinstance(accepted, dict):
+        lacking = sorted(name for name in declared if name not in accepted
+                         and not name.isdigit())
+        if lacking:
+            warnings.append(f"the source declares user metadata that the target does not "
+                            f"({', '.join(lacking)}): their values will fail to copy until "
+                            "the target declares them in UserMetadata")
+    if metadata and source.system.get("HasLabels") and not system.get("HasLabels"):
+        labels = source.get("/tools/labels")
+        if labels:
+            warnings.append(f"the source uses {len(labels)} labels that the target (Orthanc "
+                            f"{target.version}) cannot store: they will not be copied, and "
+                            "the run will end with exit status 1")
+    return warnings
+
+
+def lost_studies(target: OrthancClient, complete: Iterable[str]) -> list[str]:
+    """The studies of `complete` (recorded complete in the save file) that the target no
+    longer lists: one listing of the target's studies, whatever the number of instances."""
+    listed = set(target.whole("GET", "/studies"))
+    return [study for study in complete if study not in listed]
+
+
+def lost_line(lost: list[str], system: dict) -> str:
+    """The line that says the target deleted studies it had stored, and what may do that."""
+    limits = storage_limits(system)
+    cause = (f"its {' and '.join(limits)} in MaximumStorageMode "
+             f"\"{system.get('MaximumStorageMode', 'Recycle')}\"" if limits else
+             "a storage limit in \"Recycle\" mode (MaximumStorageSize, MaximumPatientCount), "
+             "or someone deleting on the target")
+    return (f"the target deleted {format_count(len(lost))} "
+            f"{'study' if len(lost) == 1 else 'studies'} after storing them ({lost[0]}"
+            f"{' ...' if len(lost) > 1 else ''}): {cause}; the save file no longer counts them "
+            "as complete, and no run can end well while the target deletes what it receives")
+
+
+def too_large_line(sizes: list[int]) -> str:
+    """The line that says a proxy's body limit left instances out."""
+    return (f"the target, or a proxy in front of it, refuses requests above a size (HTTP 413): "
+            f"{format_count(len(sizes))} {'instance' if len(sizes) == 1 else 'instances'} of "
+            f"{format_bytes(min(sizes))} and more {'was' if len(sizes) == 1 else 'were'} not "
+            "copied (named above); raise the proxy's limit (nginx: client_max_body_size; "
+            "Apache: LimitRequestBody), then run the same command again")
+
+
+def cannot_store_line(reason: str, system: dict) -> str:
+    """The line that stops a run whose target cannot store files."""
+    if "HTTP 405 to POST" in reason:
+        return (f"stopped: the target takes no uploads ({reason}); is it read-only (ReadOnly "
+                "in its configuration), or does a proxy in front of it refuse POST?")
+    limits = storage_limits(system)
+    if limits and system.get("MaximumStorageMode") == "Reject":
+        return (f"stopped: the target refuses to store more ({reason}): its "
+                f"{' or '.join(limits)} with MaximumStorageMode \"Reject\" is reached; raise "
+                "it in its configuration or make room, then run the same command again")
+    return (f"stopped: the target cannot store files ({reason}); is its disk full? Make room, "
+            "then run the same command again")
+
+
+class Confirmation:
+    """Whether the target kept what it stored: a target that recycles (Orthanc before 1.12
+    does not say it does), or anyone deleting there, takes studies after they were stored.
+    Asked at the end of a run, and during --follow after looks that copied something, at
+    most once every CONFIRM_EVERY seconds. One request to the target, whatever the archive."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.confirmed = 0.0  # when the target's studies were last confirmed
+        self.unconfirmed = False  # --follow: studies were copied since
+
+    def confirm(self) -> None:
+        """Whether every selected study the save file records complete is still on the target.
+        Those gone are taken back in the save file and counted in `outcome.lost`."""
+        context, outcome = self.context, self.context.outcome
+        self.confirmed = time.monotonic()
+        chosen = None if context.selected is None else set(context.selected)
+        try:
+            lost = lost_studies(context.target, (study for study in context.journal.studies
+                                                 if chosen is None or study in chosen))
+        except (GaveUp, HttpStatusError) as error:
+            # Not known: not a success either.
+            outcome.unconfirmed = describe_error(error)
+            return
+        outcome.unconfirmed = None
+        if lost:
+            # Gone from the source too (deleted on both), it is nobody's loss: only forgotten.
+            on_source = set(context.source.whole("GET", "/studies"))
+            context.journal.forget(lost)
+            outcome.lost.extend(study for study in lost if study in on_source)
+
+    def after_copies(self, copied: bool) -> None:
+        """--follow: confirm once studies were copied since the last confirmation, at most
+        once every CONFIRM_EVERY seconds."""
+        self.unconfirmed = self.unconfirmed or copied
+        if self.unconfirmed and time.monotonic() - self.confirmed >= CONFIRM_EVERY:
+            self.unconfirmed = False
+            self.confirm()
+
+
+# ---- the mirror and the check: --delete, --check --------------------------------------------
+DELETE_EVERY = 120.0  # --follow --delete: seconds between looks for studies the source deleted
+BULK_DELETE = 1000  # instance IDs in one POST /tools/bulk-delete (Orthanc 1.10+)
+
+
+def copied_by(metadata: dict, username: str) -> bool:
+    """Whether an instance's metadata on the target say it came from this tool: received over
+    REST from the user this tool logs in as (or from nobody: a target without authentication
+    names no user). A modality's instance says Origin DicomProtocol; a person's upload, with
+    other credentials, names that person."""
+    return (metadata.get("Origin") == "RestApi"
+            and metadata.get("HttpUsername", "") in (username, ""))
+
+
+@dataclass
+class Removal:
+    """What --delete takes from one study on the target: the whole of it (the source deleted
+    the study), or some of its instances (the source deleted them, found by --recheck)."""
+
+    study: str
+    whole: bool
+    candidates: list[str]  # instances the target has there and the source does not
+    ours: list[str] = field(default_factory=list)  # of those, copied by this tool: to delete
+    kept: int = 0  # of those, from elsewhere: they stay
+
+
+def examine(target: OrthancClient, removal: Removal, username: str, threads: int) -> Removal:
+    """Sort a removal's candidates into this tool's copies and the others, by their metadata
+    on the target (one request an instance; reads only). A study gone from the source is
+    listed on the target first. Candidates gone meanwhile are neither."""
+    if removal.whole:
+        layout = study_layout(target, removal.study) or {}
+        removal.candidates = [instance for instances in layout.values()
+                              for instance in instances]
+
+    def metadata(instance: str) -> Optional[dict]:
+        return unless_missing(lambda: metadata_values(target, f"/instances/{instance}"))
+    for instance, found in zip(removal.candidates,
+                               parallel_map(metadata, removal.candidates, threads)):
+        if found is None:
+            continue
+        if copied_by(found, username):
+            removal.ours.append(instance)
+        else:
+            removal.kept += 1
+    return removal
+
+
+def remove(target: OrthancClient, instances: list[str], policy: RetryPolicy,
+           stop: threading.Event) -> None:
+    """Delete instances from the target: in bulk where it can (Orthanc 1.10+), else one by one.
+    Orthanc removes a series, study and patient with their last instance. Deleting is
+    idempotent: what is already gone is no error."""
+    if version_at_least(target.version, (1, 10, 0)):
+        for start in range(0, len(instances), BULK_DELETE):
+            chunk = instances[start:start + BULK_DELETE]
+            call_with_retries(lambda: target.send("POST", "/tools/bulk-delete",
+                                                  json={"Resources": chunk}),
+                              f"target bulk-delete of {len(chunk)} instances", policy, stop)
+        return
+    for instance in instances:
+        unless_missing(lambda: call_with_retries(
+            lambda: target.send("DELETE", f"/instances/{instance}"),
+            f"target DELETE /instances/{instance}", policy, stop))
+
+
+def study_tags(server: OrthancClient, study: str) -> dict[str, str]:
+    """What a person recognises a study by: patient ID, study date, StudyInstanceUID."""
+    record = unless_missing(lambda: server.get(f"/studies/{study}")) or {}
+    main, patient = record.get("MainDicomTags", {}), record.get("PatientMainDicomTags", {})
+    return {"patient_id": patient.get("PatientID", ""), "study_date": main.get("StudyDate", ""),
+            "study_instance_uid": main.get("StudyInstanceUID", "")}
+
+
+CSV_COLUMNS = ["difference", "patient_id", "study_date", "study_instance_uid", "study",
+               "instance", "detail"]
+
+
+class Differences:
+    """--check: every difference found, study by study. Each goes at once to the CSV file (if
+    asked) and to a spool of JSON lines that the report copies at the end, so that memory does
+    not grow with the differences, however many. Only the counts are kept."""
+
+    def __init__(self, csv_path: Optional[Path]) -> None:
+        self.counts: Counter[str] = Counter()
+        self.studies: Counter[str] = Counter()  # studies with a difference of each kind
+        self.spool = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self.csv_file = None
+        if csv_path is not None:
+            try:
+                self.csv_file = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+            except OSError as error:
+                raise UsageError(f"--csv {csv_path}: {error.strerror}") from None
+            self.csv = csv.writer(self.csv_file)
+            self.csv.writerow(CSV_COLUMNS)
+
+    def add(self, study: str, tags: dict[str, str], found: dict[str, list[str]],
+            detail: dict[str, str]) -> None:
+        """One study's differences: kind -> instance IDs (kind `extra-study` with no IDs for a
+        study only the target has), with a detail by kind."""
+        record = {"study": study, **tags}
+        for kind, instances in found.items():
+            if not instances and kind != "extra-study":
+                continue
+            self.studies[kind] += 1
+            self.counts[kind] += len(instances)
+            record[kind] = instances
+            if self.csv_file is not None:
+                for instance in instances or [""]:
+                    self.csv.writerow([kind, tags["patient_id"], tags["study_date"],
+                                       tags["study_instance_uid"], study, instance,
+                                       detail.get(kind, "")])
+        if detail:
+            record["detail"] = detail
+        self.spool.write(json.dumps(record) + "\n")
+
+    def records(self) -> Iterator[str]:
+        self.spool.seek(0)
+        for line in self.spool:
+            yield line.rstrip("\n")
+
+    def close(self) -> None:
+        if self.csv_file is not None:
+            self.csv_file.close()
+            self.csv_file = None
+
+
+def max_delete_line(count: int, limit: int) -> str:
+    return (f"--delete: {format_count(count)} instances to delete from the target, more than "
+            f"--max-delete {format_count(limit)}; nothing was deleted. If the source really "
+            "lost that much (not emptied or swapped by mistake), run again with a higher "
+            "--max-delete")
+
+
+class Mirror:
+    """--delete and --check: what the target holds beyond the source. The two study lists give
+    the selected studies only the target has (`extra`) and of those the ones this tool copied
+    (`whole`, which --delete removes); the walk tells each study's check (observe), which
+    names the instances only the target has. With --check every difference also goes to
+    `differences`."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.removals: list[Removal] = []  # --delete: instances the walk found only on the target
+        self.differences = Differences(context.config.csv) if context.config.check else None
+        self.whole: list[str] = []
+        self.extra: list[str] = []
+        self.deletions_at = time.monotonic()  # --follow --delete: when the last look was
+
+    def plan(self, studies: Collection[str], listed: set[str]) -> None:
+        """The selected studies only the target has, and of those the ones this tool copied,
+        from the two study lists the run reads anyway (with a selection, the whole source's
+        list too, and the same --query on the target). Studies this tool copied that neither
+        server has any more are forgotten (--delete)."""
+        context, config = self.context, self.context.config
+        if context.selected is None:
+            on_source = studies if isinstance(studies, (set, dict)) else set(studies)
+            chosen: Collection[str] = listed
+        else:
+            on_source = set(context.source.whole("GET", "/studies"))
+            chosen = set(select_studies(context.target, config.query, config.studies, [])
+                         ) & listed
+        self.extra = sorted(study for study in chosen if study not in on_source)
+        if config.delete and not config.dry_run:
+            context.journal.gone([study for study in context.journal.known
+                                  if study not in on_source and study not in listed])
+        self.whole = [study for study in self.extra if study in context.journal.known]
+
+    def observe(self, study: str, check: StudyCheck) -> None:
+        """What the walk found of a study (in the main thread)."""
+        if self.context.config.delete and check.extra and study in self.context.journal.known:
+            self.removals.append(Removal(study, False, check.extra))
+        if self.differences is not None and (check.missing or check.extra):
+            self.differences.add(study, study_tags(self.context.source, study),
+                                 {"missing": [instance.id for instance in check.missing],
+                                  "extra": check.extra},
+                                 {"missing": "the target lacks it",
+                                  "extra": "the target has it, the source does not"})
+
+    def finish(self) -> None:
+        """After the walk: --check's studies only the target has, --delete's deletions."""
+        if self.differences is not None:
+            self.check_extras()
+        if self.context.config.delete:
+            self.delete()
+
+    def delete(self) -> None:
+        """--delete: remove from the target, of the studies the source deleted and of the
+        instances the walk found only on the target, what this tool copied there. The
+        metadata of every candidate are read first; then, unless --max-delete forbids it,
+        the deletions are made study by study, each followed by its `gone` line in the save
+        file (a run killed in between finds the rest again: deleting is idempotent). With
+        --dry-run or --check, only listed."""
+        context, config, outcome = self.context, self.context.config, self.context.outcome
+        removals = [Removal(study, True, []) for study in self.whole] + self.removals
+        self.removals = []
+        for removal in removals:
+            try:
+                examine(context.target, removal, config.target.username, config.threads)
+            except (GaveUp, HttpStatusError) as error:
+                outcome.fail_study(removal.study, "could not look at what to delete", error)
+                removal.ours, removal.kept = [], 0
+        planned = [removal for removal in removals if removal.ours or removal.kept]
+        if config.dry_run:
+            for removal in planned:
+                outcome.would_delete.append((removal.study, len(removal.ours), removal.kept))
+                if removal.ours:
+                    log.info("would delete: %s instances of study %s%s", len(removal.ours),
+                             removal.study, " (all the source deleted)" if removal.whole
+                             else " (deleted from it on the source)")
+            return
+        count = sum(len(removal.ours) for removal in planned)
+        if config.max_delete is not None and count > config.max_delete:
+            outcome.delete_refused = max_delete_line(count, config.max_delete)
+            return
+        for removal in removals:
+            if removal.ours:
+                try:
+                    remove(context.target, removal.ours, config.policy, context.stop)
+                except (GaveUp, HttpStatusError) as error:
+                    outcome.fail_study(removal.study, "could not delete from it", error)
+                    continue
+                log.info("deleted: %s instances of study %s%s", len(removal.ours),
+                         removal.study, f", kept {removal.kept} not copied by this tool"
+                         if removal.kept else "")
+            if removal.whole:
+                context.journal.gone([removal.study])
+            if removal.ours or removal.kept:
+                outcome.deleted.append((removal.study, len(removal.ours), removal.kept))
+
+    def check_extras(self) -> None:
+        """--check: the studies only the target has, each a line of differences with its
+        instance count and whether this tool copied it."""
+        assert self.differences is not None
+        copied, target = set(self.whole), self.context.target
+        for study in self.extra:
+            statistics = unless_missing(lambda: target.get(f"/studies/{study}/statistics")) or {}
+            count = int(statistics.get("CountInstances", 0))
+            self.differences.add(study, study_tags(target, study), {"extra-study": []},
+                                 {"extra-study": f"{count} instances only the target has; "
+                                  + ("copied by this tool (--delete removes them)"
+                                     if study in copied else "not copied by this tool")})
+
+    def follow_look(self) -> bool:
+        """--follow --delete: every DELETE_EVERY seconds, one listing of each server's studies
+        for those the source deleted. Whether following may go on."""
+        context, config = self.context, self.context.config
+        if time.monotonic() - self.deletions_at < DELETE_EVERY:
+            return True
+        self.deletions_at = time.monotonic()
+        studies = context.source.whole("GET", "/studies") if context.selected is None else \
+            select_studies(context.source, config.query, config.studies)
+        self.plan(studies, set(context.target.whole("GET", "/studies")))
+        if self.whole or self.removals:
+            self.delete()
+        return not context.outcome.delete_refused
+
+    def close(self) -> None:
+        if self.differences is not None:
+            self.differences.close()
+
+
+# ---- verification: --verify -----------------------------------------------------------------
+def verify_study(source: OrthancClient, target: OrthancClient, study: str, threads: int,
+                 compare: bool = True) -> tuple[int, int, list[tuple[str, str]]]:
+    """Compare the MD5 that each server stored for every instance of a study (no file is
+    downloaded); without `compare` (a target that transcodes what it receives), only that
+    each is there. Returns (instances checked, instances gone from the source, problems)."""
+    layout = study_layout(source, study) or {}
+    instance_ids = [instance for instances in layout.values() for instance in instances]
+
+    def one(instance_id: str) -> tuple[Optional[str], Optional[str]]:
+        expected = source.md5(instance_id)
+        return expected, target.md5(instance_id) if expected is not None else None
+
+    problems: list[tuple[str, str]] = []
+    vanished = 0
+    for instance_id, (expected, found) in zip(instance_ids,
+                                              parallel_map(one, instance_ids, threads)):
+        if expected is None:
+            vanished += 1
+        elif found is None:
+            problems.append((instance_id, "missing on the target"))
+        elif found != expected and compare:
+            problems.append((instance_id, f"different on the target (MD5 {found}, "
+                                          f"{expected} on the source)"))
+    return len(instance_ids) - vanished, vanished, problems
+
+
+def verify_all(context: Context, progress: Progress, studies: list[str],
+               statistics: Optional[dict], differences: Optional[Differences]) -> None:
+    """--verify: the stored MD5 of every instance of every study, on both servers."""
+    outcome = context.outcome
+    outcome.verified = 0
+    outcome.verify_md5 = not context.target.system.get("IngestTranscoding")
+    progress.start(None if statistics is None else int(statistics["CountInstances"]),
+                   "verifying")
+    try:
+        for study in studies:
+            checked, gone, problems = verify_study(context.source, context.target, study,
+                                                   context.config.threads, outcome.verify_md5)
+            outcome.verified += checked
+            outcome.vanished += gone
+            outcome.verify_problems.extend(problems)
+            different = [instance for instance, problem in problems
+                         if problem.startswith("different")]
+            if differences is not None and different:
+                differences.add(study, study_tags(context.source, study),
+                                {"different": different},
+                                {"different": "the stored MD5 differs"})
+            progress.advance(checked + gone)
+    finally:
+        progress.finish()
+
+
+# ---- metadata and labels --------------------------------------------------------------------
+def metadata_values(server: OrthancClient, path: str) -> dict[str, str]:
+    """A resource's metadata, name -> value. Orthanc before 1.4 ignores ?expand and lists
+    the names only: their values are then read one by one (system metadata are not)."""
+    found = server.get(path + "/metadata?expand")
+    if isinstance(found, dict):
+        return found
+    return {name: server.text(f"{path}/metadata/{name}") for name in found
+            if name not in SYSTEM_METADATA}
+
+
+def user_attachments(source: OrthancClient, path: str) -> dict[str, str]:
+    """A resource's user attachments: their name on the source -> the name to write on the
+    target, which is their number when the source tells it (?full, Orthanc 1.10+). Older
+    sources list names only: a user attachment is then its number or its UserContentType
+    name, which the target must declare too."""
+    listed = source.get(path + "/attachments?full")
+    if isinstance(listed, dict):
+        return {name: str(number) for name, number in listed.items() if int(number) >= USER_MIN}
+    return {name: name for name in listed if name not in SYSTEM_ATTACHMENTS
+            and not (name.isdigit() and int(name) < USER_MIN)}
+
+
+def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
+                  resource: str) -> tuple[int, list[str]]:
+    """Copy a resource's user metadata and user attachments (index 1024-65535) where the
+    target's differ. Returns (items written, problems). A resource missing on either side is
+    skipped: a missing instance is already reported as a failed copy."""
+    path = f"/{LEVEL_PATHS[level]}/{resource}"
+    try:
+        wanted = metadata_values(source, path)
+        present = metadata_values(target, path)
+        attachments = user_attachments(source, path)
+    except HttpStatusError as error:
+        if error.status == 404:
+            return 0, []
+        raise
+    written, problems = 0, []
+    for name, value in wanted.items():
+        if name in SYSTEM_METADATA or present.get(name) == value:
+            continue
+        try:
+            target.send("PUT", f"{path}/metadata/{name}", data=value.encode("utf-8"))
+            written += 1
+        except HttpStatusError as error:
+            problems.append(f"metadata {name!r} of {level.lower()} {resource}: {error} (does "
+                            "the target declare it in UserMetadata?)")
+    for name, target_name in attachments.items():
+        expected = source.text(f"{path}/attachments/{name}/md5")
+        found = unless_missing(lambda: target.text(f"{path}/attachments/{target_name}/md5"))
+        if found == expected:
+            continue
+        data = source.send("GET", f"{path}/attachments/{name}/data").data
+        try:
+            target.send("PUT", f"{path}/attachments/{target_name}", data=data)
+            written += 1
+        except HttpStatusError as error:
+            problems.append(f"attachment {name!r} of {level.lower()} {resource}: {error}"
+                            + ("" if target_name.isdigit() else
+                               " (does the target declare it in UserContentType?)"))
+    return written, problems
+
+
+def labelled_resources(source: OrthancClient) -> list[tuple[str, str]]:
+    """(level, ID) of every resource that carries a label on the source: none before Orthanc
+    1.12 or on an index without labels."""
+    if not source.system.get("HasLabels"):
+        return []
+    labels = source.get("/tools/labels")
+    if not labels:
+        return []
+    found = []
+    for level in LEVEL_PATHS:
+        ids = find_all(source, {"Level": level, "Query": {}, "Labels": labels,
+                                "LabelsConstraint": "Any"})
+        found.extend((level, resource) for resource in ids)
+    return found
+
+
+def sync_labels(source: OrthancClient, target: OrthancClient, level: str,
+                resource: str) -> tuple[int, list[str]]:
+    """Add on the target the labels the source gives a resource; those only the target has
+    stay. A resource missing on either side is skipped, as by sync_metadata."""
+    path = f"/{LEVEL_PATHS[level]}/{resource}"
+    wanted = unless_missing(lambda: source.get(path + "/labels"))
+    present = unless_missing(lambda: target.get(path + "/labels"))
+    if wanted is None or present is None:
+        return 0, []
+    written, problems = 0, []
+    for label in sorted(set(wanted) - set(present)):
+        try:
+            target.send("PUT", f"{path}/labels/{label}")
+            written += 1
+        except HttpStatusError as error:
+            problems.append(f"label {label!r} of {level.lower()} {resource}: {error}")
+    return written, problems
+
+
+class MetadataPass:
+    """After the instances: user metadata and attachments of every resource the change log
+    named (each run reads on from where the last one stopped), and labels (Orthanc 1.12+)."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def in_selection(self, level: str, resource: str) -> bool:
+        selected, source = self.context.selected, self.context.source
+        if selected is None:
+            return True
+        try:
+            if level == "Study":
+                return resource in selected
+            if level == "Patient":
+                studies = source.get(f"/patients/{resource}")["Studies"]
+                return bool(set(studies) & set(selected))
+            record = source.get(f"/{LEVEL_PATHS[level]}/{resource}/study")
+            return record["ID"] in selected
+        except HttpStatusError as error:
+            if error.status == 404:
+                return False
+            raise
+
+    def copy_metadata(self, changes: ChangeLog, every_known: bool = True) -> None:
+        """Record the changes read, then sync every resource known to carry user metadata or
+        attachments, or (`every_known` False, a --follow look) only those the changes name:
+        the others were synced by the first pass. The candidates are saved with the position,
+        so a crash before the sync costs nothing: the next run syncs them."""
+        journal = self.context.journal
+        fresh = metadata_candidates(changes.changes)
+        journal.changes_read(changes.last, fresh)
+        candidates = sorted(candidate for candidate in
+                            (journal.candidates if every_known else fresh)
+                            if self.in_selection(*candidate))
+        self.sync_each(candidates, sync_metadata, "metadata")
+
+    def copy_labels(self) -> None:
+        """Add on the target the labels (Orthanc 1.12+) of every labelled resource. Orthanc
+        logs no change for labels: each run asks for all of them, 5 requests, then 2 for each
+        labelled resource."""
+        source, target = self.context.source, self.context.target
+        labelled = [candidate for candidate in labelled_resources(source)
+                    if self.in_selection(*candidate)]
+        if labelled and not target.system.get("HasLabels"):
+            problem = (f"{len(labelled)} resources carry labels on the source, but the target "
+                       f"(Orthanc {target.version}) cannot store labels (Orthanc 1.12 or "
+                       "newer can, on an index that supports them); they were not copied")
+            self.context.outcome.metadata_problems.append(("labels", problem))
+            log.error("metadata failed: %s", problem)
+            return
+        self.sync_each(labelled, sync_labels, "labels")
+
+    def sync_each(self, resources: list[tuple[str, str]],
+                  sync: Callable[[OrthancClient, OrthancClient, str, str], tuple[int, list[str]]],
+                  what: str) -> None:
+        """Run `sync` on every (level, ID), with retries. Each worker counts what it wrote
+        as soon as it is written, so that a Ctrl-C at any moment leaves the count true."""
+        context, outcome = self.context, self.context.outcome
+        lock = threading.Lock()
+
+        def one(resource: tuple[str, str]) -> None:
+            written, problems = call_with_retries(
+                lambda: sync(context.source, context.target, *resource),
+                f"{what} of {resource[0].lower()} {resource[1]}", context.config.policy,
+                context.stop)
+            with lock:
+                outcome.metadata_written += written
+                outcome.metadata_problems.extend((resource[1], problem) for problem in problems)
+            for problem in problems:
+                log.error("metadata failed: %s", problem)
+        for _ in parallel_map(one, resources, context.config.threads):
+            pass
+
+
+# ---- resuming: what the save file lets a run skip -------------------------------------------
+def log_position(source: OrthancClient) -> tuple[int, str]:
+    """Where the source's change log stands, and the resource its last change names."""
+    last = source.get("/changes?last")
+    position = int(last.get("Last", 0))
+    return position, next((str(change.get("ID", "")) for change in last.get("Changes", [])
+                           if int(change.get("Seq", -1)) == position), "")
+
+
+def resume(context: Context, position: int, anchor: str,
+           background: ThreadPoolExecutor) -> Optional["Future[ChangeLog]"]:
+    """Decide which studies the save file lets this run skip, and start reading the change
+    log for metadata (None with --no-metadata).
+
+    The studies recorded complete since the last mark are skipped unless the change log says
+    that instances arrived in them after it. That holds only if the log still is the one the
+    mark was taken from: the change at the mark must still be there, naming the same
+    resource. A log cleared (DELETE /changes), a server restarted on another database, or
+    --recheck: every study is looked at again."""
+    config, journal, source = context.config, context.journal, context.source
+    mark = journal.mark
+    # A mark at 0 (the log was empty) cannot be checked: it holds while the log is empty.
+    intact = mark is not None and not config.recheck and mark[0] <= position and (
+        position == 0 if mark[0] == 0 else change_at(source, mark[0]) == mark[1])
+    since = journal.position or 0
+    metadata = METADATA_CHANGES if config.metadata else frozenset()
+    if not intact:
+        if mark is not None and mark[0] > 0 and not config.recheck:
+            log.warning("the source's change log is not the one the save file's mark was "
+                        "taken from (cleared or restarted?): looking at every study again")
+        journal.begin(position, anchor, (), reset=True)
+    else:
+        assert mark is not None
+        changes = read_changes(source, mark[0], ARRIVALS | metadata, until=position)
+        touched = touched_studies(source, [change for change in changes.changes
+                                           if is_arrival(change)],
+                                  config.threads) if journal.studies else set()
+        journal.begin(position, anchor, touched, reset=False)
+        if since >= mark[0] and config.metadata:
+            done: Future[ChangeLog] = Future()
+            done.set_result(ChangeLog([change for change in changes.changes
+                                       if is_metadata_change(change)], position))
+            return done
+    if not config.metadata:
+        return None
+    # From an older position, the log is read while the instances travel: on a first run it
+    # is several records per instance, all to be read before metadata is synced.
+    return background.submit(read_changes, source, since, metadata, position)
+
+
+# ---- following the source: --follow ---------------------------------------------------------
+class Follow:
+    """After the first pass, copy what arrives on the source until Ctrl-C, polling its change
+    log; with --delete, also remove what it deletes. A server that stays out of reach through
+    all the retries of a look is waited for, from the same position: a follow left running
+    for days outlives a restart of either server."""
+
+    def __init__(self, context: Context, confirmation: Confirmation, metadata: MetadataPass,
+                 mirror: Optional[Mirror]) -> None:
+        self.context, self.confirmation = context, confirmation
+        self.metadata, self.mirror = metadata, mirror
+
+    def run(self, position: int) -> None:
+        config, stop = self.context.config, self.context.stop
+        log.info("following the source's changes from position %d (Ctrl-C stops)", position)
+        if self.mirror is not None:
+            self.mirror.deletions_at = time.monotonic()
+        while not stop.wait(config.poll):
+            try:
+                next_position = self.look(position)
+            except GaveUp as error:
+                log.warning("%s: %s: %s; looking again in %g s", time.strftime("%H:%M:%S"),
+                            error.what, error, config.poll)
+                continue
+            if next_position is None:
+                return
+            position = next_position
+            if self.mirror is not None:
+                try:
+                    if not self.mirror.follow_look():
+                        return
+                except GaveUp as error:
+                    log.warning("%s: %s: %s; looking again later", time.strftime("%H:%M:%S"),
+                                error.what, error)
+
+    def look(self, position: int) -> Optional[int]:
+        """One look at the change log: check again the studies that instances arrived in
+        since `position`, copy what they lack, and sync the metadata the changes name. The
+        new position, or None when following must stop."""
+        context, config, outcome = self.context, self.context.config, self.context.outcome
+        changes = read_changes(context.source, position, ARRIVALS | (
+            METADATA_CHANGES if config.metadata else frozenset()))
+        if changes.last == position:
+            return position
+        touched = touched_studies(context.source, [change for change in changes.changes
+                                                   if is_arrival(change)], config.threads)
+        if touched and context.selected is not None:
+            if config.query:
+                context.selected = select_studies(context.source, config.query, config.studies)
+            touched &= set(context.selected)
+        # The studies the arrivals went into are taken back before they are looked at: a
+        # look cut short leaves them to the next run.
+        context.journal.begin(changes.last, changes.last_id, touched, reset=False)
+        copied = 0
+        if touched:
+            context.target.get("/system")  # a target out of reach fails the look, not the copies
+            before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
+            Walk(context, Progress(False), self.mirror and self.mirror.observe).run(
+                sorted(touched), lambda study: True)
+            copied, failed = outcome.copied - before[0], len(outcome.failed) - before[2]
+            if copied or failed:
+                log.info("%s: copied %d new instances (%s), %d failed", time.strftime("%H:%M:%S"),
+                         copied, format_bytes(outcome.copied_bytes - before[1]), failed)
+            if outcome.interrupted or outcome.target_full or (failed and not config.ignore_errors):
+                return None
+        self.confirmation.after_copies(bool(copied))
+        if outcome.lost:
+            return None
+        if config.metadata:
+            self.metadata.copy_metadata(changes, every_known=False)
+        else:
+            context.journal.changes_read(changes.last, ())
+        return changes.last
+
+
+# ---- the run: opening, the stages in order, closing -----------------------------------------
+def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> OrthancClient:
+    """A checked client; asks for the password on a terminal if the server refuses the default."""
+    client = OrthancClient(endpoint, config.policy, stop, config.tls_verify)
+    try:
+        client.check()
+    except ServerError as error:
+        if not ("refused the credentials" in str(error) and config.prompt
+                and not endpoint.password_given and sys.stdin.isatty()):
+            raise
+        client.close()
+        password = getpass.getpass(f"password for {endpoint.username} on {endpoint.url}: ")
+        client = OrthancClient(endpoint.with_password(password), config.policy, stop,
+                               config.tls_verify)
+        client.check()
+    return client
+
+
+class Run:
+    """One invocation: opens the two servers and the save file, runs the stages in order, and
+    leaves what happened in `outcome` for the summary and the report (see the module's map)."""
+
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self.config, self.stop = config, stop
+        self.say: Callable[[str], None] = (lambda text: None) if config.quiet else \
+            (lambda text: print(text, flush=True))
+        terminal = sys.stderr.isatty()
+        self.progress = Progress(not config.quiet and terminal,
+                                 None if config.quiet or terminal else PROGRESS_LOG_SECONDS)
+        self.outcome = Outcome()
+        self.context: Optional[Context] = None  # once both servers answered
+        self.mirror: Optional[Mirror] = None  # --delete, --check
+        self.started = False  # whether the walk began: the summary then says what it did
+
+    def execute(self) -> None:
+        config = self.config
+        source = connect(config.source, config, self.stop)
+        target = connect(config.target, config, self.stop)
+        # before the save file is made
+        warnings = preflight(source, target, config.metadata, writes=not config.check)
+        journal = Journal(config.save, config.source.url,
+                          config.target.url).open(read_only=config.dry_run)
+        limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
+        copier = Copier(source, target, config.policy, self.stop, limiter, config.threads,
+                        FAR_REQUESTS_MAX if config.pace else config.threads)
+        self.context = Context(config, self.stop, source, target, journal, copier, self.outcome)
+        background = ThreadPoolExecutor(1, thread_name_prefix="changes")
+        try:
+            self.introduce(warnings)
+            self.stages(self.context, background)
+        except KeyboardInterrupt:
+            self.outcome.interrupted = True
+            self.stop.set()
+        finally:
+            background.shutdown(wait=False, cancel_futures=True)
+            if self.mirror is not None:
+                self.mirror.close()
+            journal.close()
+            copier.close()
+            source.close()
+            target.close()
+
+    def introduce(self, warnings: list[str]) -> None:
+        """The servers, the bandwidth in force, the warnings and the save file, first."""
+        config, context = self.config, self.context
+        assert context is not None
+        self.say(f"Source:        {config.source.url} (Orthanc {context.source.version})")
+        self.say(f"Target:        {config.target.url} (Orthanc {context.target.version})")
+        limiter = context.copier.limiter
+        if limiter is not None:
+            self.say(f"Bandwidth:     {describe_rate(limiter.rate)} now (--bwlimit "
+                     f"{limiter.timetable.text})")
+        for warning in warnings:
+            log.warning("warning: %s", warning)
+        if context.journal.studies:
+            self.say(f"Save file:     {config.save}: "
+                     f"{format_count(len(context.journal.studies))} studies completed by "
+                     "earlier runs")
+
+    def stages(self, context: Context, background: ThreadPoolExecutor) -> None:
+        config, outcome = self.config, self.outcome
+        if config.query or config.studies:
+            context.selected = select_studies(context.source, config.query, config.studies)
+        # Where the change log stands before anything is listed: whatever arrives later is
+        # after it, for the next run and for --follow.
+        position, anchor = log_position(context.source)
+        studies, statistics, on_target = self.list_studies(context)
+        metadata = resume(context, position, anchor, background)
+        self.walk(context, studies, statistics, on_target)
+        if outcome.interrupted:
+            return
+        if self.mirror is not None:
+            self.mirror.finish()
+        if config.dry_run:
+            if config.check and config.verify:
+                verify_all(context, self.progress, studies, statistics,
+                           self.mirror and self.mirror.differences)
+            self.say(f"{'Check:' if config.check else 'Dry run:':<15}nothing was written "
+                     "to the target or the save file")
+            return
+        passes = MetadataPass(context)
+        if metadata is not None:
+            passes.copy_metadata(metadata.result())
+            passes.copy_labels()
+        confirmation = Confirmation(context)
+        confirmation.confirm()
+        if config.verify:
+            verify_all(context, self.progress, studies, statistics, None)
+        if config.follow and not outcome.target_full and not outcome.lost and not (
+                outcome.failed and not config.ignore_errors) and not outcome.delete_refused:
+            Follow(context, confirmation, passes, self.mirror).run(position)
+
+    def list_studies(self, context: Context) -> tuple[list[str], Optional[dict], set[str]]:
+        """The studies to copy, the source's statistics when all of it is copied, and which of
+        the studies the target has at all; the mirror's plan from the same two listings."""
+        config, source = self.config, context.source
+        statistics = source.get("/statistics") if context.selected is None else None
+        studies = context.selected if context.selected is not None else \
+            source.whole("GET", "/studies")
+        # What is known of each study is keyed by the source's own strings: a few tens of
+        # bytes a study, not another copy of its ID for every set that names it.
+        context.journal.share_keys(studies)
+        listed = set(context.target.whole("GET", "/studies"))
+        if config.delete or config.check:
+            self.mirror = Mirror(context)
+            self.mirror.plan(studies, listed)
+        return studies, statistics, {study for study in studies if study in listed}
+
+    def walk(self, context: Context, studies: list[str], statistics: Optional[dict],
+             on_target: set[str]) -> None:
+        """Skip the studies the save file records complete and the target has; check the
+        others and copy what they lack."""
+        journal, outcome = context.journal, self.outcome
+
+        def needs_look(study: str) -> bool:
+            return study not in journal.studies or study not in on_target
+        outcome.studies = len(studies)
+        for study in studies:
+            if not needs_look(study):
+                outcome.studies_skipped += 1
+                outcome.skipped_instances += journal.studies[study]
+        for line in plan_lines(outcome, statistics):
+            self.say(line)
+        total = None if statistics is None else max(
+            0, int(statistics["CountInstances"]) - outcome.skipped_instances)
+        self.started = True
+        self.progress.start(total, "checking" if self.config.dry_run else "copying")
+        try:
+            Walk(context, self.progress, self.mirror and self.mirror.observe).run(
+                (study for study in studies if needs_look(study)), on_target.__contains__)
+        finally:
+            self.progress.finish()
+
+
+# ---- the summary and the report -------------------------------------------------------------
+def summary_lines(outcome: Outcome, elapsed: float) -> list[str]:
+    rate = outcome.copied_bytes / elapsed if elapsed > 0 else 0
+    lines = [
+        f"To transfer:   {format_count(outcome.missing)} instances in "
+        f"{format_count(outcome.studies_missing)} "
+        f"{'study' if outcome.studies_missing == 1 else 'studies'}, "
+        f"{format_bytes(outcome.missing_bytes)}",
+        f"Copied:        {format_count(outcome.copied)} instances, "
+        f"{format_bytes(outcome.copied_bytes)} ({format_bytes(rate)}/s)",
+        f"Already there: {format_count(outcome.already_there)} instances",
+        f"Failed:        {format_count(len(outcome.failed))} "
+        + ("instances" if not outcome.failed_studies else
+           f"({format_count(len(outcome.failed_studies))} of them studies)"),
+    ]
+    if outcome.metadata_written or outcome.metadata_problems:
+        lines.append(f"Metadata:      {format_count(outcome.metadata_written)} items copied, "
+                     f"{format_count(len(outcome.metadata_problems))} problems")
+    if outcome.verified is not None:
+        lines.append(f"Verified:      {format_count(outcome.verified)} instances, "
+                     f"{format_count(len(outcome.verify_problems))} missing or different"
+                     + ("" if outcome.verify_md5 else " (present; MD5s not compared: the "
+                        "target transcodes what it receives)"))
+    if outcome.lost:
+        lines.append(f"Lost:          {format_count(len(outcome.lost))} studies the target "
+                     "deleted after storing them")
+    for label, removals in (("Deleted:", outcome.deleted), ("Would delete:", outcome.would_delete)):
+        if removals:
+            lines.append(f"{label:<15}{format_count(sum(ours for _, ours, _ in removals))} "
+                         f"instances in {format_count(len(removals))} studies the source no "
+                         f"longer has ({format_count(sum(kept for _, _, kept in removals))} "
+                         "kept there: not copied by this tool)")
+    if outcome.vanished:
+        lines.append(f"Vanished:      {format_count(outcome.vanished)} instances deleted from "
+                     "the source during the run")
+    lines.append(f"Elapsed:       {elapsed:.1f} s")
+    return lines
+
+
+def check_lines(outcome: Outcome, differences: "Differences", verify: bool,
+                delete: bool) -> tuple[list[str], bool]:
+    """--check's summary, and whether the target differs (what fails the check)."""
+    counts, studies = differences.counts, differences.studies
+    pending = sum(ours for _, ours, _ in outcome.would_delete)
+    differs = bool(outcome.missing or counts["different"] or outcome.failed
+                   or outcome.verify_problems or (delete and pending))
+    lines = [f"Compared:      {format_count(outcome.studies_checked)} studies instance by "
+             f"instance, {format_count(outcome.studies_skipped)} taken on trust (complete in "
+             "an earlier run and untouched since; --recheck looks at them)",
+             f"Missing:       {format_count(outcome.missing)} instances the target lacks, "
+             f"in {format_count(outcome.studies_missing)} studies"]
+    if verify:
+        lines.append(f"Different:     {format_count(counts['different'])} instances (stored MD5)")
+    lines.append(f"Only target:   {format_count(studies['extra-study'])} studies and "
+                 f"{format_count(counts['extra'])} instances of studies both have"
+                 + (f"; --delete would remove {format_count(pending)} instances"
+                    if delete else ""))
+    lines.append("Result:        " + ("the target differs from the source" if differs else
+                                      "the target holds every instance of the source"
+                                      + (" and nothing to delete" if delete else "")))
+    return lines, differs
+
+
+def plan_lines(outcome: Outcome, statistics: Optional[dict]) -> list[str]:
+    """What the run starts from. `statistics`: the source's, when the whole of it is copied."""
+    lines = [f"Studies {'found' if statistics else 'selected'} on the source: "
+             f"{format_count(outcome.studies)}"]
+    if statistics:
+        # The source's statistics count every attachment, not only the DICOM files (older
+        # Orthanc kept a JSON copy of each): a size of what the target holds would be a guess.
+        lines.append(f"Source holds:  {format_count(int(statistics['CountInstances']))} "
+                     f"instances, {format_bytes(int(statistics['TotalUncompressedSize']))} "
+                     "stored")
+    if outcome.studies_skipped:
+        lines.append(f"Skipped:       {format_count(outcome.studies_skipped)} studies complete "
+                     f"on the target ({format_count(outcome.skipped_instances)} instances), "
+                     "untouched since an earlier run (--recheck looks at them)")
+    return lines
+
+
+def link_report(copier: Copier, outcome: Outcome) -> dict:
+    """What the run measured of the way to each server and chose from it."""
+    def milliseconds(seconds: float) -> Optional[float]:
+        return round(seconds * 1000, 2) if seconds != float("inf") else None
+    return {"source_latency_ms": milliseconds(copier.source.latency),
+            "target_latency_ms": milliseconds(copier.target.latency),
+            "downloads_in_flight_max": copier.downloads_max,
+            "checks_in_flight_max": outcome.checks_max,
+            "archive_ratio": (round(copier.archive_ratio, 3)
+                              if copier.archive_ratio is not None else None),
+            "bundles": copier.bundles, "bundles_as_archives": copier.bundles_archived,
+            "bytes_sent_again": copier.target.sent_again + copier.source.sent_again,
+            "uploads_deflated": copier.uploads_deflated,
+            "upload_ratio": (round(copier.upload_ratio, 3)
+                             if copier.upload_ratio is not None else None)}
+
+
+DIFFERENCES_HERE = "differences: copied from the spool"  # where the report's list goes
+
+
+def report_record(config: Config, run: Run, elapsed: float) -> dict:
+    """The JSON record of a run (but its options), as --report writes it."""
+    outcome, context = run.outcome, run.context
+    differences = run.mirror.differences if run.mirror is not None else None
+    return {
+        "tool": f"replicate.py {__version__}",
+        "source": config.source.url,
+        "target": config.target.url,
+        "exit_status": outcome.exit_status,
+        "error": outcome.error,
+        "copied": outcome.copied,
+        "skipped": outcome.already_there,
+        "failed": [{"id": instance, "reason": reason} for instance, reason in outcome.failed],
+        "bytes": outcome.copied_bytes,
+        "seconds": round(elapsed, 3),
+        "planned": {"studies": outcome.studies,
+                    "selected": context is not None and context.selected is not None,
+                    "studies_skipped": outcome.studies_skipped,
+                    "studies_checked": outcome.studies_checked,
+                    "instances": outcome.missing, "bytes": outcome.missing_bytes}
+        if run.started else None,
+        "vanished": outcome.vanished,
+        "lost_studies": outcome.lost,
+        "deleted": [{"study": study, "instances": ours, "kept": kept}
+                    for study, ours, kept in outcome.deleted],
+        "would_delete": [{"study": study, "instances": ours, "kept": kept}
+                         for study, ours, kept in outcome.would_delete],
+        "delete_refused": outcome.delete_refused,
+        "check": None if differences is None else {
+            "studies_compared": outcome.studies_checked,
+            "studies_taken_on_trust": outcome.studies_skipped,
+            "missing": outcome.missing, "different": differences.counts["different"],
+            "extra_instances": differences.counts["extra"],
+            "extra_studies": differences.studies["extra-study"],
+            "differences": DIFFERENCES_HERE},
+        "unconfirmed": outcome.unconfirmed,
+        "interrupted": outcome.interrupted,
+        "metadata": {"written": outcome.metadata_written,
+                     "problems": [{"id": resource, "reason": reason}
+                                  for resource, reason in outcome.metadata_problems]},
+        "verified": outcome.verified,
+        # bytes per second in force at the end (null: no limit), with --bwlimit
+        "bwlimit_in_force": context.copier.limiter.rate if context is not None
+        and context.copier.limiter else None,
+        "link": link_report(context.copier, outcome) if context is not None else None,
+        "verify_problems": [{"id": instance, "reason": reason}
+                            for instance, reason in outcome.verify_problems],
+    }
+
+
+def options_record(config: Config) -> dict:
+    """The options of a run, as --report writes them: never a password or a header's value."""
+    return {
+        "threads": config.threads, "retries": config.policy.retries,
+        "timeout": config.policy.timeout,
+        "bwlimit": config.bwlimit.text if config.bwlimit else None,
+        "ignore_errors": config.ignore_errors, "dry_run": config.dry_run,
+        "verify": config.verify, "follow": config.follow, "metadata": config.metadata,
+        "delete": config.delete, "max_delete": config.max_delete, "check": config.check,
+        "query": config.query, "studies": config.studies, "save": str(config.save),
+        "tls_verify": config.tls_verify if config.tls_verify is not True else True,
+        # names only: a header's value may be a token
+        "headers": {endpoint.role: [name for name, _ in endpoint.headers]
+                    for endpoint in (config.source, config.target)},
+        "client_certificates": {endpoint.role: endpoint.cert is not None
+                                for endpoint in (config.source, config.target)},
+    }
+
+
+def write_report(path: Path, config: Config, run: Run, elapsed: float) -> None:
+    """The JSON record of a run, written whole (through a temporary file) at its end; --check's
+    differences are copied from their spool, a study a line."""
+    report = {**report_record(config, run, elapsed), "options": options_record(config)}
+    differences = run.mirror.differences if run.mirror is not None else None
+    temporary = path.with_name(path.name + ".tmp")
+    head, _, tail = (json.dumps(report, indent=2) + "\n").partition(
+        json.dumps(DIFFERENCES_HERE))
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(head)
+        if differences is not None:
+            file.write("[" + ",".join("\n    " + record
+                                      for record in differences.records()) + "\n  ]")
+        file.write(tail)
+    os.replace(temporary, path)
 
 
 # ---- argument parsing -----------------------------------------------------------------------
@@ -2826,7 +3869,7 @@ def _setup_argparser() -> ArgumentParser:
         tls.add_argument(f"--{role}-client-cert", metavar="FILE", default=None,
                          help=f"client certificate for the {role} only (default: --client-cert)")
         tls.add_argument(f"--{role}-client-key", metavar="FILE", default=None,
-                         help=f"its key (default: --client-key)")
+                         help="its key (default: --client-key)")
     auth = parser.add_argument_group("credentials")
     auth.add_argument("--username", default="orthanc",
                       help="user name for both servers (default: orthanc)")
@@ -2931,942 +3974,28 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
 
 
-# ---- what the target does with what it accepts ----------------------------------------------
-MIB = 1024 * 1024  # Orthanc's MaximumStorageSize is in these
-
-
-def storage_limits(system: dict) -> list[str]:
-    """The storage limits a target's GET /system reports (Orthanc 1.12 and newer; older ones
-    report none), as a person would write them in its configuration."""
-    limits = []
-    if int(system.get("MaximumPatientCount") or 0):
-        limits.append(f"MaximumPatientCount {system['MaximumPatientCount']}")
-    if int(system.get("MaximumStorageSize") or 0):
-        limits.append(f"MaximumStorageSize {system['MaximumStorageSize']} (MB)")
-    return limits
-
-
-def recycles(system: dict) -> bool:
-    """Whether the target deletes its oldest patients to make room (a limit in the default
-    "Recycle" mode)."""
-    return bool(storage_limits(system)) and system.get("MaximumStorageMode",
-                                                       "Recycle") == "Recycle"
-
-
-def room_problem(system: dict, source_statistics: dict,
-                 target_statistics: dict) -> Optional[str]:
-    """Which of the target's limits what it holds and the whole source could exceed, or None
-    when both fit. The source's uncompressed size is an upper bound of what the target will
-    store (Orthanc counts what it writes, compressed or not)."""
-    patients = int(system.get("MaximumPatientCount") or 0)
-    wanted = int(target_statistics["CountPatients"]) + int(source_statistics["CountPatients"])
-    if patients and wanted > patients:
-        return (f"its MaximumPatientCount is {patients}, and it holds "
-                f"{format_count(int(target_statistics['CountPatients']))} patients to which "
-                f"the source adds up to {format_count(int(source_statistics['CountPatients']))}")
-    size = int(system.get("MaximumStorageSize") or 0) * MIB
-    wanted = (int(target_statistics["TotalDiskSize"])
-              + int(source_statistics["TotalUncompressedSize"]))
-    if size and wanted > size:
-        return (f"its MaximumStorageSize is {system['MaximumStorageSize']} MB, and it holds "
-                f"{format_bytes(int(target_statistics['TotalDiskSize']))} to which the source "
-                f"adds up to {format_bytes(int(source_statistics['TotalUncompressedSize']))}")
-    return None
-
-
-def preflight(source: OrthancClient, target: OrthancClient, metadata: bool,
-              writes: bool = True) -> list[str]:
-    """Look at the target's settings before anything is copied (Orthanc 1.12 and newer tell
-    them in GET /system; older ones tell nothing, and only the confirmation at the end of the
-    run can notice a loss). Raises TargetRefused for a target that stores nothing or would
-    delete what it receives; returns the warnings to give once."""
-    system = target.system
-    if not writes:  # --check: whatever the target does with uploads, none is made
-        return []
-    if system.get("ReadOnly"):
-        raise TargetRefused(f"target {target.endpoint.url} is read-only (\"ReadOnly\": true "
-                            "in its configuration) and stores nothing; set ReadOnly to false "
-                            "and restart it")
-    warnings: list[str] = []
-    if storage_limits(system):
-        problem = room_problem(system, source.get("/statistics"), target.get("/statistics"))
-        if problem and recycles(system):
-            raise TargetRefused(
-                f"target {target.endpoint.url} would delete what it receives: {problem}, and "
-                "its MaximumStorageMode \"Recycle\" deletes its oldest patients to make room; "
-                "set MaximumPatientCount and MaximumStorageSize to 0 (no limit) in its "
-                "configuration, or raise them, and restart it")
-        if problem:
-            warnings.append(f"the target refuses what exceeds its limits (MaximumStorageMode "
-                            f"\"{system.get('MaximumStorageMode')}\"): {problem}; the copy "
-                            "will stop there")
-    transcoding = system.get("IngestTranscoding")
-    if transcoding:
-        warnings.append(f"the target transcodes what it receives to {transcoding} "
-                        "(IngestTranscoding): its files will differ from the source's, so "
-                        "--verify checks that each instance is there, not its MD5")
-    declared, accepted = source.system.get("UserMetadata"), system.get("UserMetadata")
-    if metadata and isinstance(declared, dict) and isinstance(accepted, dict):
-        lacking = sorted(name for name in declared if name not in accepted
-                         and not name.isdigit())
-        if lacking:
-            warnings.append(f"the source declares user metadata that the target does not "
-                            f"({', '.join(lacking)}): their values will fail to copy until "
-                            "the target declares them in UserMetadata")
-    if metadata and source.system.get("HasLabels") and not system.get("HasLabels"):
-        labels = source.get("/tools/labels")
-        if labels:
-            warnings.append(f"the source uses {len(labels)} labels that the target (Orthanc "
-                            f"{target.version}) cannot store: they will not be copied, and "
-                            "the run will end with exit status 1")
-    return warnings
-
-
-def lost_studies(target: OrthancClient, complete: Iterable[str]) -> list[str]:
-    """The studies of `complete` (recorded complete in the save file) that the target no
-    longer lists: one listing of the target's studies, whatever the number of instances."""
-    listed = set(target.whole("GET", "/studies"))
-    return [study for study in complete if study not in listed]
-
-
-def lost_line(lost: list[str], system: dict) -> str:
-    """The line that says the target deleted studies it had stored, and what may do that."""
-    limits = storage_limits(system)
-    cause = (f"its {' and '.join(limits)} in MaximumStorageMode "
-             f"\"{system.get('MaximumStorageMode', 'Recycle')}\"" if limits else
-             "a storage limit in \"Recycle\" mode (MaximumStorageSize, MaximumPatientCount), "
-             "or someone deleting on the target")
-    return (f"the target deleted {format_count(len(lost))} "
-            f"{'study' if len(lost) == 1 else 'studies'} after storing them ({lost[0]}"
-            f"{' ...' if len(lost) > 1 else ''}): {cause}; the save file no longer counts them "
-            "as complete, and no run can end well while the target deletes what it receives")
-
-
-def too_large_line(sizes: list[int]) -> str:
-    """The line that says a proxy's body limit left instances out."""
-    return (f"the target, or a proxy in front of it, refuses requests above a size (HTTP 413): "
-            f"{format_count(len(sizes))} {'instance' if len(sizes) == 1 else 'instances'} of "
-            f"{format_bytes(min(sizes))} and more {'was' if len(sizes) == 1 else 'were'} not "
-            "copied (named above); raise the proxy's limit (nginx: client_max_body_size; "
-            "Apache: LimitRequestBody), then run the same command again")
-
-
-def cannot_store_line(reason: str, system: dict) -> str:
-    """The line that stops a run whose target cannot store files."""
-    if "HTTP 405 to POST" in reason:
-        return (f"stopped: the target takes no uploads ({reason}); is it read-only (ReadOnly "
-                "in its configuration), or does a proxy in front of it refuse POST?")
-    limits = storage_limits(system)
-    if limits and system.get("MaximumStorageMode") == "Reject":
-        return (f"stopped: the target refuses to store more ({reason}): its "
-                f"{' or '.join(limits)} with MaximumStorageMode \"Reject\" is reached; raise "
-                "it in its configuration or make room, then run the same command again")
-    return (f"stopped: the target cannot store files ({reason}); is its disk full? Make room, "
-            "then run the same command again")
-
-
-# ---- the mirror and the check: --delete, --check ---------------------------------------------
-DELETE_EVERY = 120.0  # --follow --delete: seconds between looks for studies the source deleted
-BULK_DELETE = 1000  # instance IDs in one POST /tools/bulk-delete (Orthanc 1.10+)
-
-
-def copied_by(metadata: dict, username: str) -> bool:
-    """Whether an instance's metadata on the target say it came from this tool: received over
-    REST from the user this tool logs in as (or from nobody: a target without authentication
-    names no user). A modality's instance says Origin DicomProtocol; a person's upload, with
-    other credentials, names that person."""
-    return (metadata.get("Origin") == "RestApi"
-            and metadata.get("HttpUsername", "") in (username, ""))
-
-
-@dataclass
-class Removal:
-    """What --delete takes from one study on the target: the whole of it (the source deleted
-    the study), or some of its instances (the source deleted them, found by --recheck)."""
-
-    study: str
-    whole: bool
-    candidates: list[str]  # instances the target has there and the source does not
-    ours: list[str] = field(default_factory=list)  # of those, copied by this tool: to delete
-    kept: int = 0  # of those, from elsewhere: they stay
-
-
-def target_selection(target: OrthancClient, query: dict[str, str],
-                     studies: list[str]) -> set[str]:
-    """The target's studies in the selection: those matching the same --query there, and each
-    --study the target has."""
-    selected = set(find_all(target, {"Level": "Study", "Query": query, "Expand": False})
-                   ) if query else set()
-    for study in studies:
-        try:
-            selected.update(find_study(target, study))
-        except UsageError:  # not on the target
-            pass
-    return selected
-
-
-def examine(target: OrthancClient, removal: Removal, username: str, threads: int) -> Removal:
-    """Sort a removal's candidates into this tool's copies and the others, by their metadata
-    on the target (one request an instance; reads only). A study gone from the source is
-    listed on the target first. Candidates gone meanwhile are neither."""
-    if removal.whole:
-        layout = study_layout(target, removal.study) or {}
-        removal.candidates = [instance for instances in layout.values()
-                              for instance in instances]
-
-    def metadata(instance: str) -> Optional[dict]:
-        return unless_missing(lambda: metadata_values(target, f"/instances/{instance}"))
-    for instance, found in zip(removal.candidates,
-                               parallel_map(metadata, removal.candidates, threads)):
-        if found is None:
-            continue
-        if copied_by(found, username):
-            removal.ours.append(instance)
-        else:
-            removal.kept += 1
-    return removal
-
-
-def remove(target: OrthancClient, instances: list[str], policy: RetryPolicy,
-           stop: threading.Event) -> None:
-    """Delete instances from the target: in bulk where it can (Orthanc 1.10+), else one by one.
-    Orthanc removes a series, study and patient with their last instance. Deleting is
-    idempotent: what is already gone is no error."""
-    if version_at_least(target.version, (1, 10, 0)):
-        for start in range(0, len(instances), BULK_DELETE):
-            chunk = instances[start:start + BULK_DELETE]
-            call_with_retries(lambda: target.send("POST", "/tools/bulk-delete",
-                                                  json={"Resources": chunk}),
-                              f"target bulk-delete of {len(chunk)} instances", policy, stop)
-        return
-    for instance in instances:
-        unless_missing(lambda: call_with_retries(
-            lambda: target.send("DELETE", f"/instances/{instance}"),
-            f"target DELETE /instances/{instance}", policy, stop))
-
-
-def study_tags(server: OrthancClient, study: str) -> dict[str, str]:
-    """What a person recognises a study by: patient ID, study date, StudyInstanceUID."""
-    record = unless_missing(lambda: server.get(f"/studies/{study}")) or {}
-    main, patient = record.get("MainDicomTags", {}), record.get("PatientMainDicomTags", {})
-    return {"patient_id": patient.get("PatientID", ""), "study_date": main.get("StudyDate", ""),
-            "study_instance_uid": main.get("StudyInstanceUID", "")}
-
-
-CSV_COLUMNS = ["difference", "patient_id", "study_date", "study_instance_uid", "study",
-               "instance", "detail"]
-
-
-class Differences:
-    """--check: every difference found, study by study. Each goes at once to the CSV file (if
-    asked) and to a spool of JSON lines that the report copies at the end, so that memory does
-    not grow with the differences, however many. Only the counts are kept."""
-
-    def __init__(self, csv_path: Optional[Path]) -> None:
-        self.counts: Counter[str] = Counter()
-        self.studies: Counter[str] = Counter()  # studies with a difference of each kind
-        self.spool = tempfile.TemporaryFile("w+", encoding="utf-8")
-        self.csv_file = None
-        if csv_path is not None:
-            try:
-                self.csv_file = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115
-            except OSError as error:
-                raise UsageError(f"--csv {csv_path}: {error.strerror}") from None
-            self.csv = csv.writer(self.csv_file)
-            self.csv.writerow(CSV_COLUMNS)
-
-    def add(self, study: str, tags: dict[str, str], found: dict[str, list[str]],
-            detail: dict[str, str]) -> None:
-        """One study's differences: kind -> instance IDs (kind `extra-study` with no IDs for a
-        study only the target has), with a detail by kind."""
-        record = {"study": study, **tags}
-        for kind, instances in found.items():
-            if not instances and kind != "extra-study":
-                continue
-            self.studies[kind] += 1
-            self.counts[kind] += len(instances)
-            record[kind] = instances
-            if self.csv_file is not None:
-                for instance in instances or [""]:
-                    self.csv.writerow([kind, tags["patient_id"], tags["study_date"],
-                                       tags["study_instance_uid"], study, instance,
-                                       detail.get(kind, "")])
-        if detail:
-            record["detail"] = detail
-        self.spool.write(json.dumps(record) + "\n")
-
-    def records(self) -> Iterator[str]:
-        self.spool.seek(0)
-        for line in self.spool:
-            yield line.rstrip("\n")
-
-    def close(self) -> None:
-        if self.csv_file is not None:
-            self.csv_file.close()
-            self.csv_file = None
-
-
-def max_delete_line(count: int, limit: int) -> str:
-    return (f"--delete: {format_count(count)} instances to delete from the target, more than "
-            f"--max-delete {format_count(limit)}; nothing was deleted. If the source really "
-            "lost that much (not emptied or swapped by mistake), run again with a higher "
-            "--max-delete")
-
-
 # ---- main -----------------------------------------------------------------------------------
-def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> OrthancClient:
-    """A checked client; asks for the password on a terminal if the server refuses the default."""
-    client = OrthancClient(endpoint, config.policy, stop, config.tls_verify)
-    try:
-        client.check()
-    except ServerError as error:
-        if not ("refused the credentials" in str(error) and config.prompt
-                and not endpoint.password_given and sys.stdin.isatty()):
-            raise
-        client.close()
-        password = getpass.getpass(f"password for {endpoint.username} on {endpoint.url}: ")
-        client = OrthancClient(endpoint.with_password(password), config.policy, stop,
-                               config.tls_verify)
-        client.check()
-    return client
-
-
-def summary_lines(outcome: Outcome, elapsed: float) -> list[str]:
-    rate = outcome.copied_bytes / elapsed if elapsed > 0 else 0
-    lines = [
-        f"To transfer:   {format_count(outcome.missing)} instances in "
-        f"{format_count(outcome.studies_missing)} "
-        f"{'study' if outcome.studies_missing == 1 else 'studies'}, "
-        f"{format_bytes(outcome.missing_bytes)}",
-        f"Copied:        {format_count(outcome.copied)} instances, "
-        f"{format_bytes(outcome.copied_bytes)} ({format_bytes(rate)}/s)",
-        f"Already there: {format_count(outcome.already_there)} instances",
-        f"Failed:        {format_count(len(outcome.failed))} "
-        + ("instances" if not outcome.failed_studies else
-           f"({format_count(len(outcome.failed_studies))} of them studies)"),
-    ]
-    if outcome.metadata_written or outcome.metadata_problems:
-        lines.append(f"Metadata:      {format_count(outcome.metadata_written)} items copied, "
-                     f"{format_count(len(outcome.metadata_problems))} problems")
-    if outcome.verified is not None:
-        lines.append(f"Verified:      {format_count(outcome.verified)} instances, "
-                     f"{format_count(len(outcome.verify_problems))} missing or different"
-                     + ("" if outcome.verify_md5 else " (present; MD5s not compared: the "
-                        "target transcodes what it receives)"))
-    if outcome.lost:
-        lines.append(f"Lost:          {format_count(len(outcome.lost))} studies the target "
-                     "deleted after storing them")
-    for label, removals in (("Deleted:", outcome.deleted), ("Would delete:", outcome.would_delete)):
-        if removals:
-            lines.append(f"{label:<15}{format_count(sum(ours for _, ours, _ in removals))} "
-                         f"instances in {format_count(len(removals))} studies the source no "
-                         f"longer has ({format_count(sum(kept for _, _, kept in removals))} "
-                         "kept there: not copied by this tool)")
-    if outcome.vanished:
-        lines.append(f"Vanished:      {format_count(outcome.vanished)} instances deleted from "
-                     "the source during the run")
-    lines.append(f"Elapsed:       {elapsed:.1f} s")
-    return lines
-
-
-def check_lines(outcome: Outcome, differences: "Differences", verify: bool,
-                delete: bool) -> tuple[list[str], bool]:
-    """--check's summary, and whether the target differs (what fails the check)."""
-    counts, studies = differences.counts, differences.studies
-    pending = sum(ours for _, ours, _ in outcome.would_delete)
-    differs = bool(outcome.missing or counts["different"] or outcome.failed
-                   or outcome.verify_problems or (delete and pending))
-    lines = [f"Compared:      {format_count(outcome.studies_checked)} studies instance by "
-             f"instance, {format_count(outcome.studies_skipped)} taken on trust (complete in "
-             "an earlier run and untouched since; --recheck looks at them)",
-             f"Missing:       {format_count(outcome.missing)} instances the target lacks, "
-             f"in {format_count(outcome.studies_missing)} studies"]
-    if verify:
-        lines.append(f"Different:     {format_count(counts['different'])} instances (stored MD5)")
-    lines.append(f"Only target:   {format_count(studies['extra-study'])} studies and "
-                 f"{format_count(counts['extra'])} instances of studies both have"
-                 + (f"; --delete would remove {format_count(pending)} instances"
-                    if delete else ""))
-    lines.append("Result:        " + ("the target differs from the source" if differs else
-                                      "the target holds every instance of the source"
-                                      + (" and nothing to delete" if delete else "")))
-    return lines, differs
-
-
-def plan_lines(outcome: Outcome, statistics: Optional[dict]) -> list[str]:
-    """What the run starts from. `statistics`: the source's, when the whole of it is copied."""
-    lines = [f"Studies {'found' if statistics else 'selected'} on the source: "
-             f"{format_count(outcome.studies)}"]
-    if statistics:
-        # The source's statistics count every attachment, not only the DICOM files (older
-        # Orthanc kept a JSON copy of each): a size of what the target holds would be a guess.
-        lines.append(f"Source holds:  {format_count(int(statistics['CountInstances']))} "
-                     f"instances, {format_bytes(int(statistics['TotalUncompressedSize']))} "
-                     "stored")
-    if outcome.studies_skipped:
-        lines.append(f"Skipped:       {format_count(outcome.studies_skipped)} studies complete "
-                     f"on the target ({format_count(outcome.skipped_instances)} instances), "
-                     "untouched since an earlier run (--recheck looks at them)")
-    return lines
-
-
-class Run:
-    """One invocation: the two servers, the save file, and what happened so far."""
-
-    def __init__(self, config: Config, stop: threading.Event) -> None:
-        self.config, self.stop = config, stop
-        self.say: Callable[[str], None] = (lambda text: None) if config.quiet else \
-            (lambda text: print(text, flush=True))
-        terminal = sys.stderr.isatty()
-        self.progress = Progress(not config.quiet and terminal,
-                                 None if config.quiet or terminal else PROGRESS_LOG_SECONDS)
-        self.outcome = Outcome()
-        self.started = False  # whether the walk began: the summary then says what it did
-        self.selected: Optional[list[str]] = None
-        # --follow: when the target's studies were last confirmed, and whether studies were
-        # copied since
-        self.confirmed = 0.0
-        self.unconfirmed = False
-        self.removals: list[Removal] = []  # --delete: instances the walk found only on the target
-        self.differences = Differences(config.csv) if config.check else None
-        self.deletions_at = 0.0  # --follow --delete: when the last look for deletions was
-
-    def execute(self) -> None:
-        config, outcome = self.config, self.outcome
-        self.source = source = connect(config.source, config, self.stop)
-        self.target = target = connect(config.target, config, self.stop)
-        # before the save file is made
-        warnings = preflight(source, target, config.metadata, writes=not config.check)
-        self.journal = journal = Journal(config.save, config.source.url,
-                                         config.target.url).open(read_only=config.dry_run)
-        limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
-        self.copier = Copier(source, target, config.policy, self.stop, limiter, config.threads,
-                             FAR_REQUESTS_MAX if config.pace else config.threads)
-        background = ThreadPoolExecutor(1, thread_name_prefix="changes")
-        try:
-            self.say(f"Source:        {config.source.url} (Orthanc {source.version})")
-            self.say(f"Target:        {config.target.url} (Orthanc {target.version})")
-            if limiter is not None:
-                self.say(f"Bandwidth:     {describe_rate(limiter.rate)} now (--bwlimit "
-                         f"{limiter.timetable.text})")
-            for warning in warnings:
-                log.warning("warning: %s", warning)
-            if journal.studies:
-                self.say(f"Save file:     {config.save}: {format_count(len(journal.studies))} "
-                         "studies completed by earlier runs")
-            if config.query or config.studies:
-                self.selected = select_studies(source, config.query, config.studies)
-            # Where the change log stands before anything is listed: whatever arrives later
-            # is after it, for the next run and for --follow.
-            last = source.get("/changes?last")
-            position = int(last.get("Last", 0))
-            anchor = next((str(change.get("ID", "")) for change in last.get("Changes", [])
-                           if int(change.get("Seq", -1)) == position), "")
-            statistics = source.get("/statistics") if self.selected is None else None
-            studies = self.selected if self.selected is not None else \
-                source.whole("GET", "/studies")
-            # What is known of each study is keyed by the source's own strings: a few tens of
-            # bytes a study, not another copy of its ID for every set that names it.
-            journal.share_keys(studies)
-            listed = set(target.whole("GET", "/studies"))
-            on_target = {study for study in studies if study in listed}
-            whole, extra = self.mirror_plan(studies, listed) if config.delete or config.check \
-                else ([], [])
-            del listed
-            metadata = self.resume(position, anchor, background)
-
-            def needs_look(study: str) -> bool:
-                return study not in journal.studies or study not in on_target
-            outcome.studies = len(studies)
-            for study in studies:
-                if not needs_look(study):
-                    outcome.studies_skipped += 1
-                    outcome.skipped_instances += journal.studies[study]
-            work = (study for study in studies if needs_look(study))
-            for line in plan_lines(outcome, statistics):
-                self.say(line)
-            total = None if statistics is None else max(
-                0, int(statistics["CountInstances"]) - outcome.skipped_instances)
-            self.started = True
-            self.progress.start(total, "checking" if config.dry_run else "copying")
-            try:
-                Walk(config, self.copier, journal, self.progress, self.stop, outcome,
-                     self.observe if config.delete or config.check else None).run(
-                    work, on_target.__contains__)
-            finally:
-                self.progress.finish()
-            if outcome.interrupted:
-                return
-            if config.check:
-                self.check_extras(extra, whole)
-                if config.verify:
-                    self.verify(studies, statistics)
-            if config.delete:
-                self.mirror(whole)
-            if config.dry_run:
-                self.say(f"{'Check:' if config.check else 'Dry run:':<15}nothing was written "
-                         "to the target or the save file")
-                return
-            if metadata is not None:
-                self.copy_metadata(metadata.result())
-                self.copy_labels()
-            self.confirm()
-            if config.verify:
-                self.verify(studies, statistics)
-            if config.follow and not outcome.target_full and not outcome.lost and not (
-                    outcome.failed and not config.ignore_errors) and not outcome.delete_refused:
-                self.deletions_at = time.monotonic()
-                self.follow(position)
-        except KeyboardInterrupt:
-            self.outcome.interrupted = True
-            self.stop.set()
-        finally:
-            background.shutdown(wait=False, cancel_futures=True)
-            if self.differences is not None:
-                self.differences.close()
-            journal.close()
-            self.copier.close()
-            source.close()
-            target.close()
-
-    def resume(self, position: int, anchor: str,
-               background: ThreadPoolExecutor) -> Optional["Future[ChangeLog]"]:
-        """Decide which studies the save file lets this run skip, and start reading the
-        change log for metadata (None with --no-metadata).
-
-        The studies recorded complete since the last mark are skipped unless the change log
-        says that instances arrived in them after it. That holds only if the log still is the
-        one the mark was taken from: the change at the mark must still be there, naming the
-        same resource. A log cleared (DELETE /changes), a server restarted on another
-        database, or --recheck: every study is looked at again."""
-        config, journal, source = self.config, self.journal, self.source
-        mark = journal.mark
-        # A mark at 0 (the log was empty) cannot be checked: it holds while the log is empty.
-        intact = mark is not None and not config.recheck and mark[0] <= position and (
-            position == 0 if mark[0] == 0 else change_at(source, mark[0]) == mark[1])
-        since = journal.position or 0
-        metadata = METADATA_CHANGES if config.metadata else frozenset()
-        if not intact:
-            if mark is not None and mark[0] > 0 and not config.recheck:
-                log.warning("the source's change log is not the one the save file's mark was "
-                            "taken from (cleared or restarted?): looking at every study again")
-            journal.begin(position, anchor, (), reset=True)
-        else:
-            assert mark is not None
-            changes = read_changes(source, mark[0], ARRIVALS | metadata, until=position)
-            touched = touched_studies(source, [change for change in changes.changes
-                                               if is_arrival(change)],
-                                      config.threads) if journal.studies else set()
-            journal.begin(position, anchor, touched, reset=False)
-            if since >= mark[0] and config.metadata:
-                done: Future[ChangeLog] = Future()
-                done.set_result(ChangeLog([change for change in changes.changes
-                                           if is_metadata_change(change)], position))
-                return done
-        if not config.metadata:
-            return None
-        # From an older position, the log is read while the instances travel: on a first
-        # run it is several records per instance, all to be read before metadata is synced.
-        return background.submit(read_changes, source, since, metadata, position)
-
-    def confirm(self) -> None:
-        """Whether every selected study the save file records complete is still on the target:
-        a target that recycles (Orthanc before 1.12 does not say it does), or anyone deleting
-        there, takes studies after they were stored. Those gone are taken back in the save
-        file and counted in `outcome.lost`. One request to the target, whatever the archive."""
-        self.confirmed = time.monotonic()
-        chosen = None if self.selected is None else set(self.selected)
-        try:
-            lost = lost_studies(self.target, (study for study in self.journal.studies
-                                              if chosen is None or study in chosen))
-        except (GaveUp, HttpStatusError) as error:
-            # Not known: not a success either.
-            self.outcome.unconfirmed = describe_error(error)
-            return
-        self.outcome.unconfirmed = None
-        if lost:
-            # Gone from the source too (deleted on both), it is nobody's loss: only forgotten.
-            on_source = set(self.source.whole("GET", "/studies"))
-            self.journal.forget(lost)
-            self.outcome.lost.extend(study for study in lost if study in on_source)
-
-    def observe(self, study: str, check: StudyCheck) -> None:
-        """What the walk found of a study, for --delete and --check (in the main thread)."""
-        if self.config.delete and check.extra and study in self.journal.known:
-            self.removals.append(Removal(study, False, check.extra))
-        if self.differences is not None and (check.missing or check.extra):
-            self.differences.add(study, study_tags(self.source, study),
-                                 {"missing": [instance.id for instance in check.missing],
-                                  "extra": check.extra},
-                                 {"missing": "the target lacks it",
-                                  "extra": "the target has it, the source does not"})
-
-    def mirror_plan(self, studies: Collection[str],
-                    listed: set[str]) -> tuple[list[str], list[str]]:
-        """The selected studies only the target has, and of those the ones this tool copied
-        (which --delete removes), from the two study lists the run reads anyway (with a
-        selection, the whole source's list too, and the same --query on the target). Studies
-        this tool copied that neither server has any more are forgotten (--delete)."""
-        if self.selected is None:
-            on_source = studies if isinstance(studies, (set, dict)) else set(studies)
-            chosen: Collection[str] = listed
-        else:
-            on_source = set(self.source.whole("GET", "/studies"))
-            chosen = target_selection(self.target, self.config.query,
-                                      self.config.studies) & listed
-        extra = sorted(study for study in chosen if study not in on_source)
-        if self.config.delete and not self.config.dry_run:
-            self.journal.gone([study for study in self.journal.known
-                               if study not in on_source and study not in listed])
-        return [study for study in extra if study in self.journal.known], extra
-
-    def mirror(self, whole: list[str]) -> None:
-        """--delete: remove from the target, of the studies the source deleted (`whole`) and
-        of the instances the walk found only on the target, what this tool copied there. The
-        metadata of every candidate are read first; then, unless --max-delete forbids it,
-        the deletions are made study by study, each followed by its `gone` line in the save
-        file (a run killed in between finds the rest again: deleting is idempotent). With
-        --dry-run or --check, only listed."""
-        config, outcome = self.config, self.outcome
-        removals = [Removal(study, True, []) for study in whole] + self.removals
-        self.removals = []
-        for removal in removals:
-            try:
-                examine(self.target, removal, config.target.username, config.threads)
-            except (GaveUp, HttpStatusError) as error:
-                outcome.failed.append((removal.study, f"could not look at what to delete: "
-                                                      f"{describe_error(error)}"))
-                outcome.failed_studies.add(removal.study)
-                removal.ours, removal.kept = [], 0
-        planned = [removal for removal in removals if removal.ours or removal.kept]
-        count = sum(len(removal.ours) for removal in planned)
-        if config.dry_run:
-            for removal in planned:
-                outcome.would_delete.append((removal.study, len(removal.ours), removal.kept))
-                if removal.ours:
-                    log.info("would delete: %s instances of study %s%s", len(removal.ours),
-                             removal.study, " (all the source deleted)" if removal.whole
-                             else " (deleted from it on the source)")
-            return
-        if config.max_delete is not None and count > config.max_delete:
-            outcome.delete_refused = max_delete_line(count, config.max_delete)
-            return
-        for removal in removals:
-            if removal.ours:
-                try:
-                    remove(self.target, removal.ours, config.policy, self.stop)
-                except (GaveUp, HttpStatusError) as error:
-                    outcome.failed.append((removal.study, f"could not delete from it: "
-                                                          f"{describe_error(error)}"))
-                    outcome.failed_studies.add(removal.study)
-                    continue
-                log.info("deleted: %s instances of study %s%s", len(removal.ours),
-                         removal.study, f", kept {removal.kept} not copied by this tool"
-                         if removal.kept else "")
-            if removal.whole:
-                self.journal.gone([removal.study])
-            if removal.ours or removal.kept:
-                outcome.deleted.append((removal.study, len(removal.ours), removal.kept))
-
-    def check_extras(self, extra: list[str], whole: list[str]) -> None:
-        """--check: the studies only the target has, each a line of differences with its
-        instance count and whether this tool copied it."""
-        assert self.differences is not None
-        copied = set(whole)
-        for study in extra:
-            statistics = unless_missing(
-                lambda: self.target.get(f"/studies/{study}/statistics")) or {}
-            count = int(statistics.get("CountInstances", 0))
-            self.differences.add(study, study_tags(self.target, study), {"extra-study": []},
-                                 {"extra-study": f"{count} instances only the target has; "
-                                  + ("copied by this tool (--delete removes them)"
-                                     if study in copied else "not copied by this tool")})
-
-    def follow_deletions(self) -> bool:
-        """--follow --delete: every DELETE_EVERY seconds, one listing of each server's studies
-        for those the source deleted. Whether following may go on."""
-        if time.monotonic() - self.deletions_at < DELETE_EVERY:
-            return True
-        self.deletions_at = time.monotonic()
-        studies = self.source.whole("GET", "/studies") if self.selected is None else \
-            select_studies(self.source, self.config.query, self.config.studies)
-        whole, _ = self.mirror_plan(studies, set(self.target.whole("GET", "/studies")))
-        if whole or self.removals:
-            self.mirror(whole)
-        return not self.outcome.delete_refused
-
-    def link_report(self) -> Optional[dict]:
-        """What the run measured of the way to each server and chose from it."""
-        copier = getattr(self, "copier", None)
-        if copier is None:
-            return None
-
-        def milliseconds(seconds: float) -> Optional[float]:
-            return round(seconds * 1000, 2) if seconds != float("inf") else None
-        return {"source_latency_ms": milliseconds(copier.source.latency),
-                "target_latency_ms": milliseconds(copier.target.latency),
-                "downloads_in_flight_max": copier.downloads_max,
-                "checks_in_flight_max": self.outcome.checks_max,
-                "archive_ratio": (round(copier.archive_ratio, 3)
-                                  if copier.archive_ratio is not None else None),
-                "bundles": copier.bundles, "bundles_as_archives": copier.bundles_archived,
-                "bytes_sent_again": copier.target.sent_again + copier.source.sent_again,
-                "uploads_deflated": copier.uploads_deflated,
-                "upload_ratio": (round(copier.upload_ratio, 3)
-                                 if copier.upload_ratio is not None else None)}
-
-    def verify(self, studies: list[str], statistics: Optional[dict]) -> None:
-        """--verify: the stored MD5 of every instance of every study, on both servers."""
-        outcome = self.outcome
-        outcome.verified = 0
-        outcome.verify_md5 = not self.target.system.get("IngestTranscoding")
-        self.progress.start(None if statistics is None else int(statistics["CountInstances"]),
-                            "verifying")
-        try:
-            for study in studies:
-                checked, gone, problems = verify_study(self.source, self.target, study,
-                                                       self.config.threads,
-                                                       outcome.verify_md5)
-                outcome.verified += checked
-                outcome.vanished += gone
-                outcome.verify_problems.extend(problems)
-                different = [instance for instance, problem in problems
-                             if problem.startswith("different")]
-                if self.differences is not None and different:
-                    self.differences.add(study, study_tags(self.source, study),
-                                         {"different": different},
-                                         {"different": "the stored MD5 differs"})
-                self.progress.advance(checked + gone)
-        finally:
-            self.progress.finish()
-
-    def in_selection(self, level: str, resource: str) -> bool:
-        if self.selected is None:
-            return True
-        try:
-            if level == "Study":
-                return resource in self.selected
-            if level == "Patient":
-                studies = self.source.get(f"/patients/{resource}")["Studies"]
-                return bool(set(studies) & set(self.selected))
-            record = self.source.get(f"/{LEVEL_PATHS[level]}/{resource}/study")
-            return record["ID"] in self.selected
-        except HttpStatusError as error:
-            if error.status == 404:
-                return False
-            raise
-
-    def copy_metadata(self, changes: ChangeLog, every_known: bool = True) -> None:
-        """Record the changes read, then sync every resource known to carry user metadata or
-        attachments, or (`every_known` False, a --follow look) only those the changes name:
-        the others were synced by the first pass. The candidates are saved with the position,
-        so a crash before the sync costs nothing: the next run syncs them."""
-        fresh = metadata_candidates(changes.changes)
-        self.journal.changes_read(changes.last, fresh)
-        candidates = sorted(candidate for candidate in
-                            (self.journal.candidates if every_known else fresh)
-                            if self.in_selection(*candidate))
-        self.sync_each(candidates, sync_metadata, "metadata")
-
-    def copy_labels(self) -> None:
-        """Add on the target the labels (Orthanc 1.12+) of every labelled resource. Orthanc
-        logs no change for labels: each run asks for all of them, 5 requests, then 2 for each
-        labelled resource."""
-        labelled = [candidate for candidate in labelled_resources(self.source)
-                    if self.in_selection(*candidate)]
-        if labelled and not self.target.system.get("HasLabels"):
-            problem = (f"{len(labelled)} resources carry labels on the source, but the target "
-                       f"(Orthanc {self.target.version}) cannot store labels (Orthanc 1.12 or "
-                       "newer can, on an index that supports them); they were not copied")
-            self.outcome.metadata_problems.append(("labels", problem))
-            log.error("metadata failed: %s", problem)
-            return
-        self.sync_each(labelled, sync_labels, "labels")
-
-    def sync_each(self, resources: list[tuple[str, str]],
-                  sync: Callable[[OrthancClient, OrthancClient, str, str], tuple[int, list[str]]],
-                  what: str) -> None:
-        """Run `sync` on every (level, ID), with retries. Each worker counts what it wrote
-        as soon as it is written, so that a Ctrl-C at any moment leaves the count true."""
-        lock = threading.Lock()
-
-        def one(resource: tuple[str, str]) -> None:
-            written, problems = call_with_retries(
-                lambda: sync(self.source, self.target, *resource),
-                f"{what} of {resource[0].lower()} {resource[1]}", self.config.policy, self.stop)
-            with lock:
-                self.outcome.metadata_written += written
-                self.outcome.metadata_problems.extend((resource[1], problem)
-                                                      for problem in problems)
-            for problem in problems:
-                log.error("metadata failed: %s", problem)
-        for _ in parallel_map(one, resources, self.config.threads):
-            pass
-
-    def follow(self, position: int) -> None:
-        """Copy what arrives on the source until Ctrl-C, polling its change log. A server that
-        stays out of reach through all the retries of a look is waited for, from the same
-        position: a follow left running for days outlives a restart of either server."""
-        log.info("following the source's changes from position %d (Ctrl-C stops)", position)
-        while not self.stop.wait(self.config.poll):
-            try:
-                next_position = self.follow_once(position)
-            except GaveUp as error:
-                log.warning("%s: %s: %s; looking again in %g s", time.strftime("%H:%M:%S"),
-                            error.what, error, self.config.poll)
-                continue
-            if next_position is None:
-                return
-            position = next_position
-            if self.config.delete:
-                try:
-                    if not self.follow_deletions():
-                        return
-                except GaveUp as error:
-                    log.warning("%s: %s: %s; looking again later", time.strftime("%H:%M:%S"),
-                                error.what, error)
-
-    def follow_once(self, position: int) -> Optional[int]:
-        """One look at the change log: check again the studies that instances arrived in
-        since `position`, copy what they lack, and sync the metadata the changes name. The
-        new position, or None when following must stop."""
-        config, outcome = self.config, self.outcome
-        changes = read_changes(self.source, position, ARRIVALS | (
-            METADATA_CHANGES if config.metadata else frozenset()))
-        if changes.last == position:
-            return position
-        touched = touched_studies(self.source, [change for change in changes.changes
-                                                if is_arrival(change)], config.threads)
-        if touched and self.selected is not None:
-            if config.query:
-                self.selected = select_studies(self.source, config.query, config.studies)
-            touched &= set(self.selected)
-        # The studies the arrivals went into are taken back before they are looked at: a
-        # look cut short leaves them to the next run.
-        self.journal.begin(changes.last, changes.last_id, touched, reset=False)
-        if touched:
-            self.target.get("/system")  # a target out of reach fails the look, not the copies
-            before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
-            Walk(config, self.copier, self.journal, Progress(False), self.stop, outcome,
-                 self.observe if config.delete else None).run(sorted(touched),
-                                                              lambda study: True)
-            copied, copied_bytes, failed = (outcome.copied - before[0],
-                                            outcome.copied_bytes - before[1],
-                                            len(outcome.failed) - before[2])
-            if copied or failed:
-                log.info("%s: copied %d new instances (%s), %d failed",
-                         time.strftime("%H:%M:%S"), copied, format_bytes(copied_bytes), failed)
-            self.unconfirmed = self.unconfirmed or bool(copied)
-            if outcome.interrupted or outcome.target_full or (failed and not config.ignore_errors):
-                return None
-        if self.unconfirmed and time.monotonic() - self.confirmed >= CONFIRM_EVERY:
-            self.unconfirmed = False
-            self.confirm()
-            if outcome.lost:
-                return None
-        if config.metadata:
-            self.copy_metadata(changes, every_known=False)
-        else:
-            self.journal.changes_read(changes.last, ())
-        return changes.last
-
-
-DIFFERENCES_HERE = "differences: copied from the spool"  # where the report's list goes
-
-
-def write_report(path: Path, config: Config, run: Run, elapsed: float, code: int,
-                 error: Optional[str] = None) -> None:
-    """The JSON record of a run, written whole (through a temporary file) at its end.
-    `error`: the line that says why an error ended the run, if one did."""
-    outcome = run.outcome
-    report = {
-        "tool": f"replicate.py {__version__}",
-        "source": config.source.url,
-        "target": config.target.url,
-        "exit_status": code,
-        "error": error,
-        "copied": outcome.copied,
-        "skipped": outcome.already_there,
-        "failed": [{"id": instance, "reason": reason} for instance, reason in outcome.failed],
-        "bytes": outcome.copied_bytes,
-        "seconds": round(elapsed, 3),
-        "planned": {"studies": outcome.studies, "selected": run.selected is not None,
-                    "studies_skipped": outcome.studies_skipped,
-                    "studies_checked": outcome.studies_checked,
-                    "instances": outcome.missing, "bytes": outcome.missing_bytes}
-        if run.started else None,
-        "vanished": outcome.vanished,
-        "lost_studies": outcome.lost,
-        "deleted": [{"study": study, "instances": ours, "kept": kept}
-                    for study, ours, kept in outcome.deleted],
-        "would_delete": [{"study": study, "instances": ours, "kept": kept}
-                         for study, ours, kept in outcome.would_delete],
-        "delete_refused": outcome.delete_refused,
-        "check": None if run.differences is None else {
-            "studies_compared": outcome.studies_checked,
-            "studies_taken_on_trust": outcome.studies_skipped,
-            "missing": outcome.missing, "different": run.differences.counts["different"],
-            "extra_instances": run.differences.counts["extra"],
-            "extra_studies": run.differences.studies["extra-study"],
-            "differences": DIFFERENCES_HERE},
-        "unconfirmed": outcome.unconfirmed,
-        "interrupted": outcome.interrupted,
-        "metadata": {"written": outcome.metadata_written,
-                     "problems": [{"id": resource, "reason": reason}
-                                  for resource, reason in outcome.metadata_problems]},
-        "verified": outcome.verified,
-        # bytes per second in force at the end (null: no limit), with --bwlimit
-        "bwlimit_in_force": run.copier.limiter.rate if getattr(run, "copier", None)
-        and run.copier.limiter else None,
-        "link": run.link_report(),
-        "verify_problems": [{"id": instance, "reason": reason}
-                            for instance, reason in outcome.verify_problems],
-        "options": {
-            "threads": config.threads, "retries": config.policy.retries,
-            "timeout": config.policy.timeout,
-            "bwlimit": config.bwlimit.text if config.bwlimit else None,
-            "ignore_errors": config.ignore_errors, "dry_run": config.dry_run,
-            "verify": config.verify, "follow": config.follow, "metadata": config.metadata,
-            "delete": config.delete, "max_delete": config.max_delete, "check": config.check,
-            "query": config.query, "studies": config.studies, "save": str(config.save),
-            "tls_verify": config.tls_verify if config.tls_verify is not True else True,
-            # names only: a header's value may be a token
-            "headers": {endpoint.role: [name for name, _ in endpoint.headers]
-                        for endpoint in (config.source, config.target)},
-            "client_certificates": {endpoint.role: endpoint.cert is not None
-                                    for endpoint in (config.source, config.target)},
-        },
-    }
-    temporary = path.with_name(path.name + ".tmp")
-    head, _, tail = (json.dumps(report, indent=2) + "\n").partition(
-        json.dumps(DIFFERENCES_HERE))
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(head)
-        if run.differences is not None:  # copied from its spool, a study a line
-            file.write("[" + ",".join("\n    " + record
-                                      for record in run.differences.records()) + "\n  ]")
-        file.write(tail)
-    os.replace(temporary, path)
-
-
-def replicate(config: Config, stop: threading.Event) -> int:
+def replicate(config: Config, stop: Optional[threading.Event] = None) -> Outcome:
+    """Run one replication as `python replicate.py ...` would: the summary on stdout, errors
+    on stderr, --report written. The outcome counts what happened; `exit_status` is the
+    command's. `stop`, once set, interrupts it (main sets it on Ctrl-C and SIGTERM)."""
     started = time.monotonic()
-    run = Run(config, stop)
+    run = Run(config, stop or threading.Event())
+    outcome = run.outcome
     try:
         run.execute()
     except Exception as error:
-        elapsed = time.monotonic() - started
         if run.started:  # the copy may have begun: say what it did
-            for line in summary_lines(run.outcome, elapsed):
+            for line in summary_lines(outcome, time.monotonic() - started):
                 print(line, flush=True)
-        code, message = error_status(error)
-        return finish_report(config, run, elapsed, code, message)
+        outcome.exit_status, outcome.error = error_status(error)
+        return finish_report(config, run, time.monotonic() - started)
     elapsed = time.monotonic() - started
-    outcome = run.outcome
     differs = False
     lines = summary_lines(outcome, elapsed)
-    if run.differences is not None:
-        check, differs = check_lines(outcome, run.differences, config.verify, config.delete)
+    differences = run.mirror.differences if run.mirror is not None else None
+    if differences is not None:
+        check, differs = check_lines(outcome, differences, config.verify, config.delete)
         lines = check + [line for line in lines if line.startswith(
             ("Would delete:", "Elapsed:") + (("Failed:",) if outcome.failed else ()))]
     for line in lines:
@@ -3877,48 +4006,49 @@ def replicate(config: Config, stop: threading.Event) -> int:
         log.error("%s: %d instances copied; run the same command again to %s",
                   "stopped following" if config.follow else "interrupted", outcome.copied,
                   "follow on" if config.follow else "resume")
-        code = EXIT_INTERRUPTED
+        outcome.exit_status = EXIT_INTERRUPTED
     elif (outcome.failed or outcome.verify_problems or outcome.metadata_problems
           or outcome.lost or outcome.unconfirmed or outcome.delete_refused or differs):
-        system = run.target.system
-        if outcome.delete_refused:
-            log.error("%s", outcome.delete_refused)
-        if outcome.lost:
-            log.error("%s", lost_line(outcome.lost, system))
-        if outcome.too_large:
-            log.error("%s", too_large_line(outcome.too_large))
-        if outcome.unconfirmed:
-            log.error("could not list the target's studies to confirm that it kept what it "
-                      "stored (%s); run the same command again", outcome.unconfirmed)
-        if outcome.target_full:
-            log.error("%s", cannot_store_line(outcome.target_full, system))
-        elif outcome.stopped_on_failure and not config.ignore_errors:
-            instance_id, reason = outcome.failed[0]
-            log.error("stopped at the first failure: %s %s: %s (--ignore-errors goes on)",
-                      "study" if instance_id in outcome.failed_studies else "instance",
-                      instance_id, reason)
-        elif len(outcome.failed) > 1:
-            log.error("%d instances failed:", len(outcome.failed))
-            for instance_id, reason in outcome.failed:
-                log.error("  %s %s: %s", "study" if instance_id in outcome.failed_studies
-                          else "instance", instance_id, reason)
-        code = EXIT_FAILURES
-    else:
-        code = EXIT_OK
-    return finish_report(config, run, elapsed, code, None)
+        assert run.context is not None
+        for line in failure_lines(outcome, run.context.target.system, config.ignore_errors):
+            log.error("%s", line)
+        outcome.exit_status = EXIT_FAILURES
+    return finish_report(config, run, elapsed)
 
 
-def finish_report(config: Config, run: Run, elapsed: float, code: int,
-                  error: Optional[str]) -> int:
-    """Write --report, if asked; return the exit status (1 if the report cannot be written)."""
+def failure_lines(outcome: Outcome, system: dict, ignore_errors: bool) -> list[str]:
+    """What stderr says, at the end, of every kind of failure that remains."""
+    lines = [outcome.delete_refused] if outcome.delete_refused else []
+    if outcome.lost:
+        lines.append(lost_line(outcome.lost, system))
+    if outcome.too_large:
+        lines.append(too_large_line(outcome.too_large))
+    if outcome.unconfirmed:
+        lines.append(f"could not list the target's studies to confirm that it kept what it "
+                     f"stored ({outcome.unconfirmed}); run the same command again")
+    if outcome.target_full:
+        lines.append(cannot_store_line(outcome.target_full, system))
+    elif outcome.stopped_on_failure and not ignore_errors:
+        instance_id, reason = outcome.failed[0]
+        lines.append(f"stopped at the first failure: {outcome.kind(instance_id)} {instance_id}: "
+                     f"{reason} (--ignore-errors goes on)")
+    elif len(outcome.failed) > 1:
+        lines.append(f"{len(outcome.failed)} instances failed:")
+        lines.extend(f"  {outcome.kind(instance_id)} {instance_id}: {reason}"
+                     for instance_id, reason in outcome.failed)
+    return lines
+
+
+def finish_report(config: Config, run: Run, elapsed: float) -> Outcome:
+    """Write --report, if asked (exit status 1 if it cannot be written)."""
     if config.report:
         try:
-            write_report(config.report, config, run, elapsed, code, error)
+            write_report(config.report, config, run, elapsed)
         except OSError as problem:
             log.error("replicate.py: cannot write report %s: %s", config.report,
                       problem.strerror)
-            code = code or EXIT_FAILURES
-    return code
+            run.outcome.exit_status = run.outcome.exit_status or EXIT_FAILURES
+    return run.outcome
 
 
 def error_status(error: BaseException) -> tuple[int, str]:
@@ -3953,7 +4083,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             warnings.filterwarnings("ignore", message="Unverified HTTPS request")
             print("replicate.py: warning: --insecure: TLS certificates are not checked; anyone "
                   "on the path can read and change what is copied", file=sys.stderr)
-        return replicate(config, stop)
+        return replicate(config, stop).exit_status
     except (Exception, KeyboardInterrupt) as error:
         return error_status(error)[0]
     finally:

@@ -155,6 +155,19 @@ def test_source_with_one_study(make_server, corpus, target, tmp_path, capsys) ->
     assert target.md5s() == source.md5s() and len(target.instances()) == 8
 
 
+def test_the_library_api(source, target, tmp_path) -> None:
+    """Config.from_argv and replicate(), for a program built on the file: the counts and the
+    exit status without reading the summary."""
+    config = replicate.Config.from_argv(args(source, target, tmp_path / "save"))
+    outcome = replicate.replicate(config)
+    assert (outcome.exit_status, outcome.copied, outcome.failed) == (0, CORPUS_SIZE, [])
+    assert target.md5s() == source.md5s()
+    again = replicate.replicate(config)
+    assert (again.exit_status, again.copied, again.already_there) == (0, 0, CORPUS_SIZE)
+    with pytest.raises(replicate.UsageError, match="--threads"):
+        replicate.Config.from_argv(args(source, target, tmp_path / "save", "--threads", "0"))
+
+
 def test_empty_source(make_server, target, tmp_path, capsys) -> None:
     source = make_server("SOURCE")
     code, out, err = run(capsys, args(source, target, tmp_path / "save"))
