@@ -9,14 +9,17 @@ of each and copies it at once; nothing the target already has is sent again and 
 target is touched. Interrupt it at any time and run the same command again to resume: studies
 complete since the last run and untouched in the source's change log are not looked at again.
 
-The file reads top down, each section using only what stands above it: facts (constants,
+The file reads top down, each section building on those above it: facts (constants,
 errors, data classes, pure helpers); the Orthanc client; walking the source (listings, finds,
-the change log); the journal (save file); the transfer engine (Copier) and progress; then the
-stages of a run, each a section that owns its state, and the command line and main. A run:
+the change log) and the order of studies; the journal (save file); the transfer engine
+(Copier, RateLimiter) and progress; then the stages of a run, each a section that owns its
+state, and the command line and main. A run:
 
     Run.execute: connect, preflight (the target's settings), open the Journal
       -> resume: what the save file lets the run skip (the change log since its mark)
-      -> Walk: studies checked a few ahead of the Copier's transfers; Mirror.observe
+      -> Walk: studies in StudyOrder, checked a few ahead of the Copier's transfers
+         (RateLimiter paces them, and holds every request during a --bwlimit pause)
+         and told to Mirror.observe
       -> Mirror.finish (--check, --delete) -> MetadataPass -> Confirmation -> verify_all
       -> Follow (--follow): the same Walk for each look at the change log
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import getpass
 import io
 import itertools
@@ -112,6 +116,7 @@ WAITING_MAX = 4 * BATCH_MAX_INSTANCES
 PACE_MARGIN = 2.0
 PACE_WINDOW = 0.5  # seconds of completions a rate is measured over, at least
 FAR_REQUESTS_MAX = 32
+PAUSE_LOOK = 0.5  # seconds between looks at the clock while --bwlimit pauses the run
 CONFIRM_EVERY = 60.0  # --follow: seconds at least between confirmations of the target's studies
 CHECKS_MAX = 16
 # A server whose quickest answer took longer than this is across a network: bundles from it
@@ -260,6 +265,7 @@ class Config:
     dry_run: bool = False
     query: dict[str, str] = field(default_factory=dict)
     studies: list[str] = field(default_factory=list)
+    order: str = "newest"  # newest or oldest StudyDate first, or source: as listed
     bwlimit: Optional["Timetable"] = None  # bytes per second to the target, by time of day
     metadata: bool = True
     report: Optional[Path] = None
@@ -371,6 +377,7 @@ class Outcome:
     verify_md5: bool = True  # False: the target transcodes, --verify looked for presence only
     metadata_written: int = 0
     checks_max: int = 0  # study checks in flight at most
+    studies_max: int = 0  # studies in flight at most: being checked, or instances travelling
     metadata_problems: list[tuple[str, str]] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)  # studies stored, then gone from the target
     unconfirmed: Optional[str] = None  # why the target's studies could not be confirmed
@@ -380,6 +387,9 @@ class Outcome:
     deleted: list[tuple[str, int, int]] = field(default_factory=list)
     would_delete: list[tuple[str, int, int]] = field(default_factory=list)
     delete_refused: Optional[str] = None
+    reached: str = ""  # --order: the StudyDate of the last study the walk was handed
+    not_found: list[str] = field(default_factory=list)  # --study values naming no study
+    paused: float = 0.0  # seconds --bwlimit's timetable paused the run
     exit_status: int = EXIT_OK  # the command's (see the module's docstring)
     error: Optional[str] = None  # the line that says why an error ended the run, if one did
 
@@ -410,6 +420,11 @@ def format_count(count: int) -> str:
     return f"{count:,}"
 
 
+def plural(count: int, word: str, words: str = "") -> str:
+    """'1 study', '2 studies', '1,000 instances': the count and the word that goes with it."""
+    return f"{count:,} {word if count == 1 else words or word + 's'}"
+
+
 RATE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
 
 
@@ -423,67 +438,104 @@ def parse_rate(text: str) -> float:
         raise UsageError(f"--bwlimit {text!r} is not a rate; write it like 512K, 10M or 1G"
                          ) from None
     if not value > 0:
-        raise UsageError(f"--bwlimit {text!r} must be more than 0")
+        raise UsageError(f"--bwlimit {text!r}: a rate must be more than 0; write pause for no "
+                         "request at all then, or off for no limit")
     return value * RATE_UNITS[unit]
+
+
+PAUSE = 0.0  # a timetable's rate for `pause`: no request at all to either server
+DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+WEEK = 7 * 24 * 60  # minutes
 
 
 @dataclass(frozen=True)
 class Timetable:
-    """--bwlimit: bytes per second by time of day, as rclone writes it ("08:00,512K 19:00,off":
-    512 KB/s from 8 in the morning, no limit from 7 in the evening), or one rate all day.
-    `entries`: (minute of the day, rate or None for no limit), in order."""
+    """--bwlimit: bytes per second by time of the week, as rclone writes it ("08:00,512K
+    19:00,off": 512 KB/s from 8 in the morning, no limit from 7 in the evening, every day;
+    "Mon-07:00,pause Mon-20:00,off": no request at all on Mondays by day), or one rate all
+    the time. `entries`: (minute of the week from Monday 00:00, rate: None for no limit,
+    PAUSE for a pause), in order; an entry without a day stands on every day."""
 
     entries: tuple[tuple[int, Optional[float]], ...]
     text: str
 
     def rate_at(self, minute: int) -> Optional[float]:
-        """The rate in force at that minute of the day: the last entry at or before it, or,
-        before the first entry, the day's last one (it goes on overnight)."""
-        rate = self.entries[-1][1]
-        for start, entry_rate in self.entries:
+        """The rate in force at that minute of the week: the last entry at or before it, or,
+        before the first entry, the week's last one (it goes on over the weekend)."""
+        return self.entries[self.index_at(minute)][1]
+
+    def index_at(self, minute: int) -> int:
+        index = -1
+        for position, (start, _) in enumerate(self.entries):
             if start > minute:
                 break
-            rate = entry_rate
-        return rate
+            index = position
+        return index % len(self.entries)
+
+    def until(self, minute: int) -> Optional[int]:
+        """The minute of the week at which the rate in force at `minute` ends, or None when
+        it never does."""
+        now = self.index_at(minute)
+        for step in range(1, len(self.entries)):
+            start, rate = self.entries[(now + step) % len(self.entries)]
+            if rate != self.entries[now][1]:
+                return start
+        return None
 
 
-TIMETABLE_ENTRY = re.compile(r"(\d{1,2}):(\d{2}),(\S+)")
+TIMETABLE_ENTRY = re.compile(r"(?:([A-Za-z]{3})-)?(\d{1,2}):(\d{2}),(\S+)")
 
 
 def parse_bwlimit(text: str) -> Optional[Timetable]:
-    """A plain rate (`10M`), `off`, or rclone's timetable of `HH:MM,RATE` entries (a RATE may
-    be `off`), separated by spaces. None: no limit at any time."""
+    """A plain rate (`10M`), `off`, or rclone's timetable of `[DAY-]HH:MM,RATE` entries (a
+    RATE may be `off`, or `pause`), separated by spaces. None: no limit at any time."""
     words = text.split()
     if len(words) == 1 and "," not in words[0]:
         if words[0].lower() == "off":
             return None
         return Timetable(((0, parse_rate(words[0])),), text)
-    entries: dict[int, Optional[float]] = {}
+    every_day: dict[int, Optional[float]] = {}
+    own_day: dict[int, Optional[float]] = {}  # a day's own entry wins over an every-day one
     for word in words:
         match = TIMETABLE_ENTRY.fullmatch(word)
-        if not match or int(match[1]) > 23 or int(match[2]) > 59:
-            raise UsageError(f"--bwlimit {word!r}: each entry of a timetable is HH:MM,RATE or "
-                             "HH:MM,off, like \"08:00,512K 19:00,off\" (days of the week and "
-                             "separate upload:download rates are not supported)")
-        minute = int(match[1]) * 60 + int(match[2])
+        day = match[1].title() if match and match[1] else None
+        if not match or int(match[2]) > 23 or int(match[3]) > 59 or (day and day not in DAYS):
+            raise UsageError(f"--bwlimit {word!r}: each entry of a timetable is [DAY-]HH:MM,RATE "
+                             "with RATE a rate, off or pause, like \"Mon-07:00,pause Mon-20:00,"
+                             "off\" (separate upload:download rates are not supported)")
+        minute = int(match[2]) * 60 + int(match[3]) + (DAYS.index(day) * 24 * 60 if day else 0)
+        entries = own_day if day else every_day
         if minute in entries:
-            raise UsageError(f"--bwlimit: {match[1]}:{match[2]} is given twice")
-        entries[minute] = None if match[3].lower() == "off" else parse_rate(match[3])
-    if not entries:
+            raise UsageError(f"--bwlimit: {word.split(',')[0]} is given twice")
+        rate = match[4].lower()
+        entries[minute] = None if rate == "off" else PAUSE if rate == "pause" else \
+            parse_rate(match[4])
+    if not every_day and not own_day:
         raise UsageError("--bwlimit is empty; give a rate like 10M or a timetable")
-    if all(rate is None for rate in entries.values()):
+    weekly = {day * 24 * 60 + minute: rate for day in range(7)
+              for minute, rate in every_day.items()}
+    weekly.update(own_day)
+    if all(rate is None for rate in weekly.values()):
         return None
-    return Timetable(tuple(sorted(entries.items())), text)
+    return Timetable(tuple(sorted(weekly.items())), text)
 
 
 def local_minute() -> int:
-    """The minute of the day on this machine's clock, which --bwlimit's timetable follows."""
+    """The minute of the week (Monday 00:00 is 0) on this machine's clock, which --bwlimit's
+    timetable follows."""
     now = time.localtime()
-    return now.tm_hour * 60 + now.tm_min
+    return now.tm_wday * 24 * 60 + now.tm_hour * 60 + now.tm_min
+
+
+def describe_minute(minute: int) -> str:
+    """'Mon 20:00'"""
+    day, minute = divmod(minute % WEEK, 24 * 60)
+    return f"{DAYS[day]} {minute // 60:02d}:{minute % 60:02d}"
 
 
 def describe_rate(rate: Optional[float]) -> str:
-    return "no limit" if rate is None else f"{format_bytes(rate)}/s"
+    return "no limit" if rate is None else "paused" if rate == PAUSE else \
+        f"{format_bytes(rate)}/s"
 
 
 def parse_query(items: list[str]) -> dict[str, str]:
@@ -496,6 +548,26 @@ def parse_query(items: list[str]) -> dict[str, str]:
                              "StudyDate=20200101-20201231")
         query[tag.strip()] = value
     return query
+
+
+def study_values(values: list[str]) -> list[str]:
+    """--study values, each @FILE replaced by the studies it names, one a line."""
+    found = []
+    for value in values:
+        if not value.startswith("@"):
+            found.append(value.strip())
+            continue
+        try:
+            text = Path(value[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--study {value}: cannot read it: "
+                             f"{getattr(error, 'strerror', None) or 'not text'}") from None
+        lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        if not any(lines):
+            raise UsageError(f"--study {value}: the file names no study (one Orthanc study ID "
+                             "or StudyInstanceUID a line)")
+        found.extend(line for line in lines if line)
+    return found
 
 
 def parse_url(text: str, role: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -911,6 +983,8 @@ class OrthancClient:
         # it takes to answer anything. Pace reads it.
         self.latency = float("inf")
         self.sent_again = 0  # bytes of request bodies cut short, to be sent again
+        # --bwlimit's pauses: called before each request, waits while the timetable pauses
+        self.hold: Optional[Callable[[threading.Event], None]] = None
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -981,6 +1055,8 @@ class OrthancClient:
         again for cookies. Profiled on 3,000 files of 130 KB fetched one after the other, that
         was 0.45 ms of this tool's CPU per file against 0.27 ms this way; on 24,000 tiny
         instances, a third of the CPU went to the study listings, mostly in requests."""
+        if self.hold is not None:
+            self.hold(self.stop)
         request_headers = self.headers.copy()
         body = data
         if json is not None:
@@ -1349,19 +1425,16 @@ def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optiona
 
 
 def select_studies(server: OrthancClient, query: dict[str, str], studies: list[str],
-                   unknown: Optional[list[str]] = None) -> list[str]:
+                   unknown: list[str]) -> list[str]:
     """Study IDs of the selection on a server: those matching every --query tag, then each
     --study's, in the order given, each once. A --study that names no study there goes to
-    `unknown`; without `unknown`, it is an error."""
+    `unknown`."""
     selected = dict.fromkeys(find_all(server, {"Level": "Study", "Query": query,
                                                "Expand": False}) if query else [])
     for study in studies:
         found = find_study(server, study)
-        if not found and unknown is None:
-            raise UsageError(f"--study {study}: no such study on the {server.role} (give an "
-                             "Orthanc study ID or a StudyInstanceUID)")
         if not found:
-            unknown.append(study)  # type: ignore[union-attr]
+            unknown.append(study)
         selected.update(dict.fromkeys(found))
     return list(selected)
 
@@ -1497,6 +1570,108 @@ def touched_studies(source: OrthancClient, changes: list[dict], threads: int) ->
         if record is not None:
             studies.add(record["ID"])
     return studies
+
+
+# ---- the order of studies: --order ------------------------------------------------------------
+ORDER_SLICE = 500  # studies a date range may hold before it is cut in two (--order)
+EVERY_DATE = (datetime.date(1, 1, 1), datetime.date(9999, 12, 31))
+UNDATED = "undated"  # where the walk stands once it hands out the studies without a date
+
+
+def dicom_dates(first: datetime.date, last: datetime.date) -> str:
+    """A DICOM date range, 'YYYYMMDD-YYYYMMDD'. It matches no study without a date."""
+    return "-".join(f"{day.year:04d}{day.month:02d}{day.day:02d}" for day in (first, last))
+
+
+def study_when(record: Optional[dict]) -> tuple[str, str]:
+    """(StudyDate, StudyTime) of a study's record, as they sort; empty when not known."""
+    tags = (record or {}).get("MainDicomTags", {})
+    return tags.get("StudyDate", ""), tags.get("StudyTime", "")
+
+
+class StudyOrder:
+    """--order newest or oldest: the studies to look at by StudyDate (then StudyTime), newest
+    or oldest first; then those without a date, and any the dated listings did not name
+    (arrived or deleted meanwhile), in the order given. The order changes only what goes
+    first: every study given is handed to the walk once.
+
+    The dates come without a listing of the whole archive's tags. A source that sorts its
+    finds (Orthanc 1.12.5+, HasExtendedFind) is read page by page in that order. An older
+    one is cut into date ranges, newest first: each range is asked for its IDs only (at
+    most a slice of them) and cut in two while it holds more, and a range that holds studies
+    to look at is read once more with its tags, to sort it. A range without a study costs
+    one request, whatever its length. When the studies to look at are few against the
+    archive, each is asked for its own date instead."""
+
+    def __init__(self, source: OrthancClient, order: str, threads: int) -> None:
+        self.source, self.newest, self.threads = source, order == "newest", threads
+        self.pending: dict[str, None] = {}  # the studies not handed out yet
+        self.slice = ORDER_SLICE
+        self.reached = ""  # the StudyDate of the last study handed out
+
+    def arrange(self, studies: list[str], archive: Optional[int]) -> Iterator[str]:
+        """`studies` in order; `archive`: how many studies the source holds (None: ask)."""
+        self.pending = dict.fromkeys(studies)
+        if archive is None:
+            archive = int(self.source.get("/statistics")["CountStudies"])
+        if len(studies) * DETAIL_ONE_BY_ONE_RATIO <= archive:
+            dated = self.one_by_one(studies)
+        elif self.source.system.get("Capabilities", {}).get("HasExtendedFind"):
+            dated = self.sorted_pages()
+        else:
+            cap = find_cap(self.source, "Study")
+            self.slice = min(ORDER_SLICE, cap or ORDER_SLICE)
+            dated = self.date_ranges(*EVERY_DATE)
+        for study, date in dated:
+            if study in self.pending:
+                del self.pending[study]
+                self.reached = date
+                yield study
+        self.reached = UNDATED
+        yield from (study for study in studies if self.pending.pop(study, True) is None)
+
+    def describe(self) -> str:
+        """Where the walk stands in the order: '2019-03', or 'undated'."""
+        date = self.reached
+        return date if date in ("", UNDATED) else f"{date[:4]}-{date[4:6]}"
+
+    def one_by_one(self, studies: list[str]) -> Iterator[tuple[str, str]]:
+        def when(study: str) -> tuple[str, str]:
+            return study_when(unless_missing(lambda: self.source.get(f"/studies/{study}")))
+        dated = sorted(((found, study) for study, found in
+                        zip(studies, parallel_map(when, studies, self.threads)) if found[0]),
+                       reverse=self.newest)
+        return ((study, found[0]) for found, study in dated)
+
+    def sorted_pages(self) -> Iterator[tuple[str, str]]:
+        body = {"Level": "Study", "Query": {"StudyDate": dicom_dates(*EVERY_DATE)},
+                "OrderBy": [{"Type": "DicomTag", "Key": key,
+                             "Direction": "DESC" if self.newest else "ASC"}
+                            for key in ("StudyDate", "StudyTime")],
+                "ResponseContent": ["MainDicomTags"], "Limit": FIND_PAGE}
+        since = 0
+        while True:  # pages until one comes back empty (see find_all)
+            page = self.source.whole("POST", "/tools/find", json={**body, "Since": since})
+            if not page:
+                return
+            yield from ((record["ID"], study_when(record)[0]) for record in page)
+            since += len(page)
+
+    def date_ranges(self, first: datetime.date,
+                    last: datetime.date) -> Iterator[tuple[str, str]]:
+        query = {"Level": "Study", "Query": {"StudyDate": dicom_dates(first, last)}}
+        found = self.source.whole("POST", "/tools/find",
+                                  json={**query, "Expand": False, "Limit": self.slice + 1})
+        if len(found) > self.slice and first < last:
+            middle = first + (last - first) // 2
+            halves = [(first, middle), (middle + datetime.timedelta(days=1), last)]
+            for low, high in (reversed(halves) if self.newest else halves):
+                yield from self.date_ranges(low, high)
+        elif any(study in self.pending for study in found) or len(found) > self.slice:
+            records = self.source.whole("POST", "/tools/find", json={**query, "Expand": True})
+            dated = sorted(((study_when(record), record["ID"]) for record in records),
+                           reverse=self.newest)
+            yield from ((study, when[0]) for when, study in dated)
 
 
 # ---- the journal (save file) ----------------------------------------------------------------
@@ -1714,26 +1889,36 @@ class RateLimiter:
     next free slot of the shared timeline (virtual scheduling), so the flow is smooth rather
     than bursty; at most `burst` seconds of idleness are made up for. A timetable's rate is
     read at each block, so a change of rate takes effect within a block. The clocks and the
-    sleep are injected so tests need no real time."""
+    sleep are injected so tests need no real time.
+
+    A timetable's pause holds every request to either server before it starts (hold, which
+    each client calls): what is in flight ends at the rate before the pause, nothing new
+    starts, and the time paused is counted."""
 
     def __init__(self, rate: "float | Timetable", clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = time.sleep, burst: float = 0.05,
-                 minute: Callable[[], int] = local_minute) -> None:
+                 minute: Optional[Callable[[], int]] = None) -> None:
         self.timetable = rate if isinstance(rate, Timetable) else \
             Timetable(((0, float(rate)),), str(rate))
-        self.clock, self.sleep, self.burst, self.minute = clock, sleep, burst, minute
+        self.clock, self.sleep, self.burst = clock, sleep, burst
+        self.minute = minute if minute is not None else local_minute
         self.next_free = clock()
         self.lock = threading.Lock()
         self.in_force = self.rate  # the rate of the last block, to tell a change
+        self.pause_began: Optional[float] = None  # the pause in force: when it began
+        self.pause_until = ""  # and when it ends, as "until Mon 20:00"
+        self.paused_before = 0.0  # seconds of the pauses that ended
 
     @property
     def rate(self) -> Optional[float]:
-        """Bytes per second now; None: no limit now."""
+        """Bytes per second now; None: no limit now; PAUSE: paused."""
         return self.timetable.rate_at(self.minute())
 
     def take(self, count: int) -> None:
         rate = self.rate
-        if rate != self.in_force:
+        if rate == PAUSE:  # in flight as the pause began: ends at the rate before it
+            rate = None if self.in_force == PAUSE else self.in_force
+        elif rate != self.in_force:
             self.in_force = rate
             log.info("%s: bandwidth limit now %s (--bwlimit %s)", time.strftime("%H:%M:%S"),
                      describe_rate(rate), self.timetable.text)
@@ -1745,6 +1930,40 @@ class RateLimiter:
             self.next_free = start + count / rate
         if start > now:
             self.sleep(start - now)
+
+    def paused(self) -> Optional[str]:
+        """"until Mon 20:00" while the timetable pauses the run, else None. The first look
+        in a pause logs it and starts counting its time; the first after it, its end."""
+        minute = self.minute()
+        paused = self.timetable.rate_at(minute) == PAUSE
+        with self.lock:
+            if paused and self.pause_began is None:
+                end = self.timetable.until(minute)
+                self.pause_began = self.clock()
+                self.pause_until = "with no end in the timetable" if end is None else \
+                    f"until {describe_minute(end)}"
+                log.info("%s: paused %s (--bwlimit %s): no request to either server",
+                         time.strftime("%H:%M:%S"), self.pause_until, self.timetable.text)
+            elif not paused and self.pause_began is not None:
+                self.paused_before += self.clock() - self.pause_began
+                self.pause_began = None
+                log.info("%s: the pause ended (--bwlimit %s)", time.strftime("%H:%M:%S"),
+                         self.timetable.text)
+        return self.pause_until if paused else None
+
+    def hold(self, stop: threading.Event) -> None:
+        """Wait while the timetable pauses the run (before each request to either server);
+        Interrupted once a stop is asked for."""
+        while self.paused() is not None:
+            if stop.wait(PAUSE_LOOK):
+                raise Interrupted()
+
+    @property
+    def paused_seconds(self) -> float:
+        """The time spent paused so far."""
+        with self.lock:
+            return self.paused_before + (0.0 if self.pause_began is None
+                                         else self.clock() - self.pause_began)
 
 
 class Pace:
@@ -2256,6 +2475,9 @@ class Progress:
         self._context: Any = None
         self._bar: Any = None
         self._logging: Optional[dict] = None
+        self._paused: Optional[float] = None  # when --bwlimit paused the run, if it is paused
+        self._held: Any = None  # the bar's pause
+        self._owed = 0  # what ended while the bar was held
 
     def start(self, total: Optional[int], title: str) -> None:
         """A bar of instances; `total` None: not known (a selection), the bar only counts."""
@@ -2272,7 +2494,9 @@ class Progress:
 
     def advance(self, amount: int, text: Callable[[], str] = str) -> None:
         """Move by `amount`; `text` is called only when something shows it."""
-        if self._bar is not None:
+        if self._held is not None:
+            self._owed += amount
+        elif self._bar is not None:
             self._bar(amount)
             shown = text()
             if shown:
@@ -2281,13 +2505,36 @@ class Progress:
         if state is not None and self.log_every is not None:
             state["done"] += amount
             now = time.monotonic()
-            if now - state["logged"] >= self.log_every:
+            if now - state["logged"] >= self.log_every and self._paused is None:
                 state["logged"] = now
                 log.info("%s %s", time.strftime("%H:%M:%S"), progress_line(
                     state["title"], state["done"], state["total"], False,
                     now - state["started"], text()))
 
+    def pause(self, until: Optional[str]) -> None:
+        """Hold the bar while --bwlimit pauses the run (`until`: till when; None: running
+        again), so that its rate and the time left count running time only."""
+        if (until is None) == (self._paused is None):
+            return
+        now = time.monotonic()
+        if until is not None:
+            self._paused = now
+            if self._bar is not None:
+                self._bar.text(f"paused {until}")
+                self._held = self._bar.pause()
+                self._held.__enter__()
+            return
+        if self._logging is not None:
+            self._logging["started"] += now - self._paused
+        self._paused = None
+        if self._held is not None:
+            self._held.__exit__(None, None, None)
+            self._held = None
+            self._bar(self._owed)
+            self._owed = 0
+
     def finish(self) -> None:
+        self.pause(None)
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = self._bar = None
@@ -2360,9 +2607,11 @@ class Walk:
     was collected."""
 
     def __init__(self, context: Context, progress: Progress,
-                 observe: Optional[Callable[[str, StudyCheck], None]] = None) -> None:
+                 observe: Optional[Callable[[str, StudyCheck], None]] = None,
+                 order: Optional[StudyOrder] = None) -> None:
         self.config, self.copier, self.journal = context.config, context.copier, context.journal
         self.stop, self.outcome, self.progress = context.stop, context.outcome, progress
+        self.order = order  # where the studies come from, for the progress (--order)
         config, copier = self.config, self.copier
         self.observe = observe  # told each study's check (--delete, --check)
         self.batcher = Batcher(version_at_least(copier.target.version, (1, 8, 2)),
@@ -2414,6 +2663,10 @@ class Walk:
                 if not self.checks and not self.transfers and (
                         stopping or (not more and not self.ready and not self.batcher.waiting)):
                     return
+                outcome.studies_max = max(outcome.studies_max,
+                                          len(self.checks) + len(self.open_studies))
+                if self.copier.limiter is not None:
+                    self.progress.pause(self.copier.limiter.paused())
                 for future in self.wait_ended(0.5):
                     batch = self.transfers.pop(future, None)
                     if batch is not None:
@@ -2570,7 +2823,9 @@ class Walk:
 
     def progress_text(self) -> str:
         outcome, limiter = self.outcome, self.copier.limiter
-        return (f"{format_count(outcome.copied)} copied, {format_bytes(outcome.copied_bytes)}"
+        reached = self.order.describe() if self.order is not None else ""
+        return ((f"{reached}, " if reached else "")
+                + f"{format_count(outcome.copied)} copied, {format_bytes(outcome.copied_bytes)}"
                 + (f", {format_count(len(outcome.failed))} failed" if outcome.failed else "")
                 + ("" if limiter is None else ", no bandwidth limit now"
                    if limiter.in_force is None else f", limit {describe_rate(limiter.in_force)}"))
@@ -3001,7 +3256,7 @@ class Mirror:
             return True
         self.deletions_at = time.monotonic()
         studies = context.source.whole("GET", "/studies") if context.selected is None else \
-            select_studies(context.source, config.query, config.studies)
+            select_studies(context.source, config.query, config.studies, [])
         self.plan(studies, set(context.target.whole("GET", "/studies")))
         if self.whole or self.removals:
             self.delete()
@@ -3336,7 +3591,8 @@ class Follow:
                                                    if is_arrival(change)], config.threads)
         if touched and context.selected is not None:
             if config.query:
-                context.selected = select_studies(context.source, config.query, config.studies)
+                context.selected = select_studies(context.source, config.query, config.studies,
+                                                  [])
             touched &= set(context.selected)
         # The studies the arrivals went into are taken back before they are looked at: a
         # look cut short leaves them to the next run.
@@ -3381,6 +3637,18 @@ def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> Orthan
     return client
 
 
+def not_found_warning(unknown: list[str], studies: list[str], query: bool) -> None:
+    """Say which --study values name no study on the source: an error when all do (and no
+    --query selects others), else a warning; the others are copied."""
+    named = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    if len(unknown) == len(studies) and not query:
+        raise UsageError(f"--study {named}: no such study on the source (give an Orthanc "
+                         "study ID or a StudyInstanceUID)")
+    log.warning("warning: --study: %s of %s name no study on the source and %s left out: %s",
+                format_count(len(unknown)), plural(len(studies), "value"),
+                "is" if len(unknown) == 1 else "are", named)
+
+
 class Run:
     """One invocation: opens the two servers and the save file, runs the stages in order, and
     leaves what happened in `outcome` for the summary and the report (see the module's map)."""
@@ -3406,6 +3674,8 @@ class Run:
         journal = Journal(config.save, config.source.url,
                           config.target.url).open(read_only=config.dry_run)
         limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
+        if limiter is not None:
+            source.hold = target.hold = limiter.hold
         copier = Copier(source, target, config.policy, self.stop, limiter, config.threads,
                         FAR_REQUESTS_MAX if config.pace else config.threads)
         self.context = Context(config, self.stop, source, target, journal, copier, self.outcome)
@@ -3417,6 +3687,7 @@ class Run:
             self.outcome.interrupted = True
             self.stop.set()
         finally:
+            self.outcome.paused = limiter.paused_seconds if limiter is not None else 0.0
             background.shutdown(wait=False, cancel_futures=True)
             if self.mirror is not None:
                 self.mirror.close()
@@ -3445,7 +3716,10 @@ class Run:
     def stages(self, context: Context, background: ThreadPoolExecutor) -> None:
         config, outcome = self.config, self.outcome
         if config.query or config.studies:
-            context.selected = select_studies(context.source, config.query, config.studies)
+            context.selected = select_studies(context.source, config.query, config.studies,
+                                              outcome.not_found)
+            if outcome.not_found:
+                not_found_warning(outcome.not_found, config.studies, bool(config.query))
         # Where the change log stands before anything is listed: whatever arrives later is
         # after it, for the next run and for --follow.
         position, anchor = log_position(context.source)
@@ -3508,13 +3782,22 @@ class Run:
             self.say(line)
         total = None if statistics is None else max(
             0, int(statistics["CountInstances"]) - outcome.skipped_instances)
+        work = [study for study in studies if needs_look(study)]
+        order = StudyOrder(context.source, self.config.order, self.config.threads) \
+            if work and self.config.order != "source" and not self.config.dry_run else None
+        if order is not None:
+            self.say(f"Order:         {self.config.order} StudyDate first, studies without one "
+                     "last")
         self.started = True
         self.progress.start(total, "checking" if self.config.dry_run else "copying")
         try:
-            Walk(context, self.progress, self.mirror and self.mirror.observe).run(
-                (study for study in studies if needs_look(study)), on_target.__contains__)
+            Walk(context, self.progress, self.mirror and self.mirror.observe, order).run(
+                work if order is None else order.arrange(
+                    work, None if statistics is None else int(statistics["CountStudies"])),
+                on_target.__contains__)
         finally:
             self.progress.finish()
+            outcome.reached = order.reached if order is not None else ""
 
 
 # ---- the summary and the report -------------------------------------------------------------
@@ -3552,6 +3835,11 @@ def summary_lines(outcome: Outcome, elapsed: float) -> list[str]:
     if outcome.vanished:
         lines.append(f"Vanished:      {format_count(outcome.vanished)} instances deleted from "
                      "the source during the run")
+    if outcome.not_found:
+        lines.append(f"Not found:     {plural(len(outcome.not_found), '--study value')} naming "
+                     "no study on the source (named above)")
+    if outcome.paused >= 1:
+        lines.append(f"Paused:        {format_duration(outcome.paused)} (--bwlimit's timetable)")
     lines.append(f"Elapsed:       {elapsed:.1f} s")
     return lines
 
@@ -3605,6 +3893,7 @@ def link_report(copier: Copier, outcome: Outcome) -> dict:
             "target_latency_ms": milliseconds(copier.target.latency),
             "downloads_in_flight_max": copier.downloads_max,
             "checks_in_flight_max": outcome.checks_max,
+            "studies_in_flight_max": outcome.studies_max,
             "archive_ratio": (round(copier.archive_ratio, 3)
                               if copier.archive_ratio is not None else None),
             "bundles": copier.bundles, "bundles_as_archives": copier.bundles_archived,
@@ -3658,6 +3947,9 @@ def report_record(config: Config, run: Run, elapsed: float) -> dict:
                      "problems": [{"id": resource, "reason": reason}
                                   for resource, reason in outcome.metadata_problems]},
         "verified": outcome.verified,
+        "reached": outcome.reached,  # --order: the StudyDate of the last study looked at
+        "studies_not_found": outcome.not_found,
+        "paused_seconds": round(outcome.paused, 1),
         # bytes per second in force at the end (null: no limit), with --bwlimit
         "bwlimit_in_force": context.copier.limiter.rate if context is not None
         and context.copier.limiter else None,
@@ -3676,7 +3968,8 @@ def options_record(config: Config) -> dict:
         "ignore_errors": config.ignore_errors, "dry_run": config.dry_run,
         "verify": config.verify, "follow": config.follow, "metadata": config.metadata,
         "delete": config.delete, "max_delete": config.max_delete, "check": config.check,
-        "query": config.query, "studies": config.studies, "save": str(config.save),
+        "query": config.query, "studies": config.studies, "order": config.order,
+        "save": str(config.save),
         "tls_verify": config.tls_verify if config.tls_verify is not True else True,
         # names only: a header's value may be a token
         "headers": {endpoint.role: [name for name, _ in endpoint.headers]
@@ -3830,7 +4123,9 @@ def _setup_argparser() -> ArgumentParser:
                      help="total bytes per second sent to the target across all threads, like "
                           "512K, 10M, 1G (binary units), or a timetable by this machine's "
                           "clock, as rclone writes it: \"08:00,512K 19:00,off\" (512 KB/s by "
-                          "day, no limit from 19:00 until 08:00) (default: no limit)")
+                          "day, no limit from 19:00 until 08:00); an entry may name a day "
+                          "(Mon-07:00,...), and a RATE of pause sends no request at all to "
+                          "either server until the next entry (default: no limit)")
     run.add_argument("--no-metadata", action="store_true",
                      help="do not copy user metadata, user attachments (index 1024-65535) "
                           "and labels (default: copy them)")
@@ -3846,7 +4141,15 @@ def _setup_argparser() -> ArgumentParser:
                              "syntax (StudyDate=20200101-20201231, ModalitiesInStudy=CT, "
                              "PatientName=DOE*); repeat to require several")
     select.add_argument("--study", action="append", default=[], metavar="ID",
-                        help="this study too (Orthanc study ID or StudyInstanceUID); repeatable")
+                        help="this study too (Orthanc study ID or StudyInstanceUID), or @FILE: "
+                             "the studies a file names, one a line (blank lines and # comments "
+                             "ignored); repeatable. Studies the source lacks are named and "
+                             "left out")
+    select.add_argument("--order", choices=("newest", "oldest", "source"), default=None,
+                        help="which studies go first: newest or oldest StudyDate (then "
+                             "StudyTime) first, studies without a date last; or source: as "
+                             "the source lists them (default: newest; with --study, the "
+                             "order given)")
     output_report = parser.add_argument_group("report")
     output_report.add_argument("--report", metavar="FILE", default=None,
                                help="write a JSON summary of the run to FILE (default: none)")
@@ -3955,7 +4258,8 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
     return Config(source=source, target=target, save=Path(args.save),
                   threads=args.threads or Config.threads, pace=args.threads is None,
                   dry_run=args.dry_run or args.check, query=parse_query(args.query),
-                  studies=args.study, delete=args.delete, max_delete=args.max_delete,
+                  studies=study_values(args.study),
+                  order=args.order or ("source" if args.study else "newest"), delete=args.delete, max_delete=args.max_delete,
                   check=args.check, csv=Path(args.csv) if args.csv else None,
                   bwlimit=parse_bwlimit(args.bwlimit) if args.bwlimit else None,
                   metadata=not args.no_metadata, report=report, follow=args.follow,

@@ -653,10 +653,82 @@ def test_timetable_like_rclone() -> None:
     assert replicate.parse_bwlimit("2M").rate_at(600) == 2 * 1024 ** 2  # a plain rate, all day
     assert replicate.parse_bwlimit("off") is None
     assert replicate.parse_bwlimit("08:00,off 20:00,off") is None
-    for bad in ("8h,512K", "08:00", "25:00,1M", "08:00,1M 08:00,2M", "Mon-08:00,1M",
-                "08:00,fast"):
+    for bad in ("8h,512K", "08:00", "25:00,1M", "08:00,1M 08:00,2M", "Xyz-08:00,1M",
+                "08:00,fast", "Mon-08:00,1M Mon-08:00,off"):
         with pytest.raises(UsageError):
             replicate.parse_bwlimit(bad)
+
+
+MONDAY, SATURDAY = 0, 5 * 24 * 60  # minutes of the week
+
+
+def test_timetable_by_day_of_the_week_and_pauses() -> None:
+    """Nights on weekdays, all weekend: rclone's day form, with pause by day."""
+    text = " ".join(f"{day}-07:00,pause {day}-20:00,off" for day in
+                    ("Mon", "Tue", "Wed", "Thu", "Fri")) + " Sat-00:00,10M"
+    table = replicate.parse_bwlimit(text)
+    assert table is not None
+    # Monday before 07:00: the weekend's rate goes on
+    assert table.rate_at(MONDAY + 6 * 60 + 59) == 10 * 1024 ** 2
+    assert table.rate_at(MONDAY + 7 * 60) == replicate.PAUSE
+    assert table.until(MONDAY + 8 * 60) == MONDAY + 20 * 60
+    assert replicate.describe_minute(table.until(MONDAY + 8 * 60)) == "Mon 20:00"
+    assert table.rate_at(MONDAY + 20 * 60) is None
+    assert table.rate_at(4 * 24 * 60 + 12 * 60) == replicate.PAUSE  # Friday noon
+    assert table.rate_at(SATURDAY + 12 * 60) == 10 * 1024 ** 2
+    assert table.rate_at(6 * 24 * 60 + 23 * 60) == 10 * 1024 ** 2  # Sunday night: Saturday's
+    # an entry without a day stands on every day; a day's own entry wins at its minute
+    daily = replicate.parse_bwlimit("07:00,pause 20:00,off Sun-07:00,1M")
+    assert daily.rate_at(2 * 24 * 60 + 8 * 60) == replicate.PAUSE
+    assert daily.rate_at(6 * 24 * 60 + 8 * 60) == 1024 ** 2
+    assert replicate.parse_bwlimit("00:00,pause").until(0) is None  # paused for good
+
+
+def test_a_rate_of_zero_says_to_write_pause_or_off() -> None:
+    with pytest.raises(UsageError, match="pause.*off"):
+        replicate.parse_bwlimit("07:00,0 20:00,off")
+
+
+def test_a_pause_holds_requests_and_is_counted() -> None:
+    """With an injected clock: hold() waits while paused, says till when, and the time
+    paused is counted; a stop ends the wait at once."""
+    clock = FakeClock()
+    minute = [MONDAY + 7 * 60]
+    limiter = replicate.RateLimiter(replicate.parse_bwlimit("Mon-07:00,pause Mon-20:00,off"),
+                                    clock=clock, sleep=clock.sleep, minute=lambda: minute[0])
+    assert limiter.paused() == "until Mon 20:00"
+    clock.now += 3600
+    assert limiter.paused_seconds == pytest.approx(3600)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(replicate.Interrupted):
+        limiter.hold(stop)
+    minute[0] = MONDAY + 20 * 60
+    clock.now += 60
+    limiter.hold(threading.Event())  # not paused: returns at once
+    assert limiter.paused() is None and limiter.paused_seconds == pytest.approx(3660)
+
+
+def test_study_lists_from_a_file(tmp_path: Path) -> None:
+    listing = tmp_path / "priors.txt"
+    listing.write_text("# priors of Monday\n1.2.3\n\n  1.2.4  # a comment\n")
+    assert replicate.study_values(["abc", f"@{listing}"]) == ["abc", "1.2.3", "1.2.4"]
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    for bad in (f"@{tmp_path / 'empty.txt'}", f"@{tmp_path / 'missing.txt'}"):
+        with pytest.raises(UsageError, match="--study @"):
+            replicate.study_values([bad])
+
+
+def test_date_ranges_and_plurals() -> None:
+    import datetime
+    assert replicate.dicom_dates(*replicate.EVERY_DATE) == "00010101-99991231"
+    assert replicate.dicom_dates(datetime.date(2019, 3, 1),
+                                 datetime.date(2019, 3, 31)) == "20190301-20190331"
+    assert replicate.study_when({"MainDicomTags": {"StudyDate": "20190301"}}) == ("20190301", "")
+    assert replicate.study_when(None) == ("", "")
+    assert [replicate.plural(count, "study", "studies") for count in (0, 1, 2)] == [
+        "0 studies", "1 study", "2 studies"]
+    assert replicate.plural(1200, "instance") == "1,200 instances"
 
 
 def test_rate_limiter_follows_the_timetable_inside_a_run() -> None:
