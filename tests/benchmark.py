@@ -101,6 +101,8 @@ class Measure:
     rss_kb: list[int] = field(default_factory=list)
     first_landing: list[float] = field(default_factory=list)  # seconds to the first instance
     rerun: dict[str, "Rerun"] = field(default_factory=dict)  # by the options it was run with
+    # ORDER_CORPORA: the same full copy with --order source, (timing, peak RSS in KB, first)
+    source_order: Optional[tuple[Timing, int, Optional[float]]] = None
 
 
 @dataclass
@@ -145,8 +147,8 @@ def generate(kind: str, scale: str, cache: Path) -> list[Path]:
         for number, (studies, series, instances, rows, columns, frames, *style) in \
                 enumerate(CORPORA[scale][kind]):
             write_corpus(folder, studies, series, instances, rows, columns, frames,
-                         prefix=f"{kind[0].upper()}{number}", modality=(style or ["CT"])[0],
-                         pixels=style[1] if style else "random")
+                         prefix=f"{kind[0].upper()}{number}", study_date="spread",
+                         modality=(style or ["CT"])[0], pixels=style[1] if style else "random")
         marker.write_text("")
     return sorted(folder.glob("*.dcm"))
 
@@ -374,6 +376,14 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                 if number == 0 and kind in RERUN_CORPORA:
                     measure.rerun = rerun_nothing(source, target, save, work)
                 discard(target)
+                if kind in ORDER_CORPORA:
+                    target = fresh_target(work, "source-order")
+                    settle()
+                    timing, rss, _, first = ours(source, target, target.folder / "save",
+                                                 watch_first=True, options=("--order", "source"))
+                    measure.source_order = (timing, rss, first)
+                    check_copy(source, target, deep)
+                    discard(target)
                 if kind in FLOOR_CORPORA:
                     target = fresh_target(work, "floor")
                     measure.floor.append(floor(source, target))
@@ -439,6 +449,19 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
                          f"{rerun.source_requests} requests to the source, "
                          f"{rerun.target_requests} to the target, {rerun.posts} POSTs to the "
                          "target")
+        if measure.source_order is not None:
+            timing, rss, first = measure.source_order
+            newest = measure.ours[0]
+            lines.append(
+                f"{measure.corpus} newest first (default) against --order source: "
+                f"{newest.seconds:.2f} s / {timing.seconds:.2f} s = "
+                f"{newest.seconds / timing.seconds:.3f}; peak RSS "
+                f"{measure.rss_kb[0] / 1024:.1f} / {rss / 1024:.1f} MB; first landing "
+                + " / ".join("-" if value is None else f"{value:.2f} s"
+                             for value in (measure.first_landing[0] if measure.first_landing
+                                           else None, first))
+                + f"; CPU of replicate.py {newest.client_cpu:.1f} / {timing.client_cpu:.1f} s, "
+                f"of the source {newest.source_cpu:.1f} / {timing.source_cpu:.1f} s")
         if "--recheck" in measure.rerun and "--check --recheck" in measure.rerun:
             lines.append(f"{measure.corpus} --check --recheck / --recheck: "
                          f"{measure.rerun['--check --recheck'].seconds / measure.rerun['--recheck'].seconds:.2f}")
@@ -536,6 +559,7 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
 
 
 RERUN_CORPORA = {"tiny", "scale20k", "scale", "onestudy"}
+ORDER_CORPORA = {"scale20k", "scale"}  # also copied with --order source, to compare
 COUNT_LUA = ('function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n'
              '  print("REQUEST-SEEN " .. method .. " " .. uri)\n'
              '  return true\nend\n')

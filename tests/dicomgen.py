@@ -8,6 +8,7 @@ real images do.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from pathlib import Path
@@ -70,22 +71,30 @@ def write_corpus(folder: Path, studies: int, series: int, instances: int,
                  rows: int = 8, columns: int = 8, frames: int = 1,
                  prefix: str = "P", study_date: str = "20200101",
                  modality: str = "CT", pixels: str = "random") -> list[Path]:
-    """Write studies x series x instances files under `folder` and return their paths."""
+    """Write studies x series x instances files under `folder` and return their paths.
+    `study_date` "spread": each study its own day of 2005 to 2024, in no order."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for study in range(studies):
         patient_id = f"{prefix}{study:05d}"
         study_uid = generate_uid()
+        date = spread_date(prefix, study) if study_date == "spread" else study_date
         for serie in range(series):
             series_uid = generate_uid()
             for number in range(instances):
                 dataset = make_instance(patient_id, study_uid, series_uid, number + 1,
-                                        rows, columns, frames, study_date, modality, pixels)
+                                        rows, columns, frames, date, modality, pixels)
                 path = folder / f"{prefix}-{study}-{serie}-{number}.dcm"
                 write_dicom(dataset, path)
                 paths.append(path)
     return paths
 
+
+
+def spread_date(prefix: str, study: int) -> str:
+    """A day of 2005 to 2024 for a study, the same on every run, unrelated to its number."""
+    day = int(hashlib.sha1(f"{prefix}{study}".encode()).hexdigest()[:8], 16) % (20 * 365)
+    return (datetime.date(2005, 1, 1) + datetime.timedelta(days=day)).strftime("%Y%m%d")
 
 
 def write_dicom(dataset: FileDataset, path: Path) -> None:
