@@ -17,8 +17,12 @@ corpus of about 1 GB whose pixels deflate to half with the source 80 ms away, an
 source 80 ms away, timed without the link too. Each against the link's floor (bytes / rate),
 with Orthanc's push across the same link for reference (cut after two minutes and projected).
 
-usage: python tests/benchmark.py [--corpora mixed,tiny,big,scale20k,scale,onestudy,wan]
-                                 [--repeat 2] [--scale full|smoke]
+The `check` part times --check of the scale corpus against an empty target, with the source
+next to the tool and 80 ms away, and --check --recheck of a complete target (beside another
+version's replicate.py with --baseline).
+
+usage: python tests/benchmark.py [--corpora mixed,tiny,big,scale20k,scale,onestudy,wan,check]
+                                 [--repeat 2] [--scale full|smoke] [--baseline SCRIPT]
 """
 
 from __future__ import annotations
@@ -269,7 +273,8 @@ def floor(source: OrthancServer, target: OrthancServer) -> Timing:
 
 def ours(source: OrthancServer, target: OrthancServer, save: Path,
          watch_first: bool = False, urls: Optional[tuple[str, str]] = None,
-         options: tuple[str, ...] = ()) -> tuple[Timing, int, str, Optional[float]]:
+         options: tuple[str, ...] = (), script: str = SCRIPT,
+         statuses: tuple[int, ...] = (0,)) -> tuple[Timing, int, str, Optional[float]]:
     """Run replicate.py with default options; (timing, peak RSS in KB, stdout, seconds until
     the first instance landed on the target if `watch_first`).
 
@@ -279,7 +284,7 @@ def ours(source: OrthancServer, target: OrthancServer, save: Path,
     clock = ServerClock(source, target)
     started = time.monotonic()
     source_url, target_url = urls or (source.url, target.url)
-    process = subprocess.Popen([sys.executable, SCRIPT, source_url, target_url, "--save",
+    process = subprocess.Popen([sys.executable, script, source_url, target_url, "--save",
                                 str(save), "-q", "--username", USER, "--password", PASSWORD,
                                 *options],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -313,7 +318,7 @@ def ours(source: OrthancServer, target: OrthancServer, save: Path,
     timing = clock.stop(client_cpu)
     if watcher is not None:
         watcher.join()
-    if process.returncode != 0:
+    if process.returncode not in statuses:
         raise RuntimeError(f"replicate.py exited {process.returncode}: {err}")
     return timing, peak, out, first
 
@@ -602,11 +607,58 @@ def rerun_nothing(source: OrthancServer, target: OrthancServer, save: Path,
     return reruns
 
 
+# ---- --check as a sign-off -------------------------------------------------------------------
+CHECK_RTT = 0.080  # the source's round trip in the check's distant case
+
+
+def checks(scale: str, work: Path, cache: Path, baseline: Optional[str]) -> list[str]:
+    """--check of the scale corpus against an empty target with the source next to the tool
+    and 80 ms away (25 MB/s, tests/linkproxy.py), then --check --recheck of a complete
+    target; each by this replicate.py and, next to the source, by `baseline` (another
+    version's replicate.py) if given."""
+    from linkproxy import LinkProxy
+    source = OrthancServer(work / "check-source", "SOURCE").start()
+    target = fresh_target(work, "check")
+    lines = ["| --check of scale | replicate.py | baseline |", "| --- | ---: | ---: |"]
+    try:
+        load(source, generate("scale", scale, cache))
+        save = target.folder / "save"
+
+        def timed(script: str, urls: Optional[tuple[str, str]] = None,
+                  options: tuple[str, ...] = ()) -> str:
+            settle()
+            timing, rss, _, _ = ours(source, target, save, urls=urls, script=script,
+                                     options=("--check", *options), statuses=(0, 1))
+            return (f"{timing.seconds:.2f} s (CPU: tool {timing.client_cpu:.1f}, source "
+                    f"{timing.source_cpu:.1f} s; {rss / 1024:.0f} MB)")
+        near = timed(SCRIPT)
+        lines.append(f"| empty target, source next to the tool | {near} | "
+                     f"{timed(baseline) if baseline else '-'} |")
+        proxy = LinkProxy(source.port, CHECK_RTT, WAN_RATE, None)
+        try:
+            far = timed(SCRIPT, urls=(proxy.url, target.url))
+        finally:
+            proxy.close()
+        lines.append(f"| empty target, source {CHECK_RTT * 1000:.0f} ms away | {far} | - |")
+        ours(source, target, save)
+        check_copy(source, target, scale == "smoke")
+        lines.append(f"| complete target, --recheck, next to the tool | "
+                     f"{timed(SCRIPT, options=('--recheck',))} | "
+                     f"{timed(baseline, options=('--recheck',)) if baseline else '-'} |")
+    finally:
+        discard(target)
+        discard(source)
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="replicate.py against Orthanc's push")
-    parser.add_argument("--corpora", default="mixed,tiny,big,scale20k,scale,onestudy,wan",
-                        help="comma-separated; wan is the cases across a distant link "
-                             "(default: all)")
+    parser.add_argument("--corpora", default="mixed,tiny,big,scale20k,scale,onestudy,wan,check",
+                        help="comma-separated; wan is the cases across a distant link, check "
+                             "the --check of the scale corpus (default: all)")
+    parser.add_argument("--baseline", default=None, metavar="SCRIPT",
+                        help="another version's replicate.py, timed beside this one in the "
+                             "check part (default: none)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each (default: 2)")
     parser.add_argument("--scale", choices=("full", "smoke"), default="full",
                         help="full corpora or seconds-long ones (default: full)")
@@ -617,10 +669,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="replicate-bench-run-"))
     try:
         corpora = args.corpora.split(",")
-        local = [corpus for corpus in corpora if corpus != "wan"]
+        local = [corpus for corpus in corpora if corpus not in ("wan", "check")]
         lines = run(local, args.repeat, args.scale, work, Path(args.cache)) if local else []
         if "wan" in corpora:
             lines += [""] + wan(args.scale, work, Path(args.cache))
+        if "check" in corpora:
+            lines += [""] + checks(args.scale, work, Path(args.cache), args.baseline)
         for line in lines:
             print(line, flush=True)
     finally:

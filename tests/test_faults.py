@@ -151,7 +151,7 @@ def test_a_target_that_cannot_write_stops_the_run_even_with_ignore_errors(
     # files over 8 MB cannot be written: to Orthanc, the same as a full disk
     target = make_server("TARGET", file_size_limit=8 * 1024 * 1024)
     code, out, err = run(capsys, args(source, target, tmp_path / "save", "--ignore-errors",
-                                      "--threads", "1", "--retries", "1"))
+                                      "--threads", "1", "--retries", "1", "--order", "source"))
     assert code == 1
     assert "stopped: the target cannot store files" in err and "Cannot write to file" in err
     assert summary_value(out, "Failed:") == 1 and big[0] in err

@@ -90,7 +90,7 @@ def test_a_study_deleted_on_the_source_leaves_with_a_plain_delete(source, target
     # and so does the target's own study
     assert [record["ID"] for record in target.get(f"/studies/{gone}/instances")] == [other]
     assert target.instances() == source.instances() | {other} | own_instances
-    assert (f"Deleted:       {count} instances in 1 studies the source no longer has (1 kept "
+    assert (f"Deleted:       {count} instances in 1 study the source no longer has (1 kept "
             "there") in out
     assert f"gone\t{gone}" in save.read_text()
     written = json.loads(report.read_text())

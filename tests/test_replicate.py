@@ -491,3 +491,11 @@ def test_benchmark_wan_smoke(tmp_path) -> None:
             assert float(row[9]) <= 1.05, row
     assert any(line.startswith("tiny, source 80 ms away") and "without the link" in line
                for line in lines)
+
+
+def test_benchmark_check_smoke(tmp_path) -> None:
+    """The benchmark's --check part at seconds scale: the three checks run and are printed."""
+    import benchmark
+    lines = benchmark.checks("smoke", tmp_path / "work", tmp_path / "cache", None)
+    rows = [line for line in lines if line.startswith("| ") and " s (CPU: tool" in line]
+    assert len(rows) == 3 and "80 ms away" in rows[1], lines

@@ -719,11 +719,7 @@ def test_study_lists_from_a_file(tmp_path: Path) -> None:
             replicate.study_values([bad])
 
 
-def test_date_ranges_and_plurals() -> None:
-    import datetime
-    assert replicate.dicom_dates(*replicate.EVERY_DATE) == "00010101-99991231"
-    assert replicate.dicom_dates(datetime.date(2019, 3, 1),
-                                 datetime.date(2019, 3, 31)) == "20190301-20190331"
+def test_study_dates_and_plurals() -> None:
     assert replicate.study_when({"MainDicomTags": {"StudyDate": "20190301"}}) == ("20190301", "")
     assert replicate.study_when(None) == ("", "")
     assert [replicate.plural(count, "study", "studies") for count in (0, 1, 2)] == [
@@ -790,3 +786,44 @@ def test_a_header_given_in_any_case_replaces_the_tools_own() -> None:
     assert session.headers["Authorization"] == "Bearer t0ken"
     assert session.headers["User-Agent"] == "site-gateway"
     client.close()
+
+
+def test_summary_lines_say_one_study_and_one_instance() -> None:
+    import re
+    outcome = replicate.Outcome(missing=1, studies_missing=1, copied=1, vanished=1,
+                                deleted=[("a", 1, 0)], lost=["b"], metadata_written=1)
+    text = "\n".join(replicate.summary_lines(outcome, 1.0))
+    assert "To transfer:   1 instance in 1 study," in text
+    assert "Copied:        1 instance," in text and "Metadata:      1 item copied, 0 problems" in text
+    assert "Deleted:       1 instance in 1 study the source no longer has" in text
+    assert "Lost:          1 study the target" in text
+    assert "Vanished:      1 instance deleted" in text
+    assert not re.search(r"\b1 (instances|studies|items)\b", text), text
+    differences = replicate.Differences(None)
+    differences.studies["extra-study"], differences.counts["extra"] = 1, 1
+    lines, differs = replicate.check_lines(replicate.Outcome(
+        studies_checked=1, missing=1, studies_missing=1), differences, False, False)
+    assert differs and "Only target:   1 study and 1 instance of studies both have" in lines
+    assert "Missing:       1 instance the target lacks, in 1 study" in lines
+
+
+def test_the_table_by_year_orders_its_rows_and_adds_them_up() -> None:
+    from concurrent.futures import Future
+    years: Future = Future()
+    years.set_result({"a": "2019", "b": "before 1900", "c": "2021"})
+    table = replicate.YearTable(years)
+    table.add("a", 3, 2, missing=1)
+    table.add("c", 2, 2, trusted=True)
+    table.add("b", 1, 1)
+    table.add("d", 4, 0, missing=4)  # no date
+    table.add("e", 0, 5, extra=5, row=replicate.year_label("20210101"))
+    records = table.records()
+    assert [record["year"] for record in records] == [
+        "before 1900", "2019", "2021", "no date", "total"]
+    assert records[-1]["source_studies"] == 4 and records[-1]["source_instances"] == 10
+    assert records[-1]["target_studies"] == 4 and records[-1]["missing_studies"] == 2
+    assert records[2]["extra_instances"] == 5 and records[2]["trusted_studies"] == 1
+    assert replicate.year_label("") == "no date" and replicate.year_label("18991231") == \
+        "before 1900"
+    assert table.lines()[1].split() == ["year", "source", "target", "missing", "only", "target",
+                                        "on", "trust"]
