@@ -118,7 +118,6 @@ FAR_REQUESTS_MAX = 32
 PAUSE_LOOK = 0.5  # seconds between looks at the clock while --bwlimit pauses the run
 CONFIRM_EVERY = 60.0  # --follow: seconds at least between confirmations of the target's studies
 CHECKS_MAX = 16
-CHECKS_ONLY_MAX = 32  # --check and --dry-run hold no batch: twice as many checks in flight
 # A server whose quickest answer took longer than this is across a network: bundles from it
 # are then fetched as the archives it deflates, if a sample shows they shrink to at most
 # ARCHIVE_WORTH of the files (one bundle in ARCHIVE_SAMPLE_EVERY is sampled).
@@ -2741,8 +2740,7 @@ class Walk:
         self.ready_count = 0
         # Checks in flight: two next to the servers, more across a link (see Pace).
         low = max(2, config.threads // 2)
-        self.check_pace = Pace(low, low if not config.pace else
-                               CHECKS_ONLY_MAX if config.dry_run else CHECKS_MAX)
+        self.check_pace = Pace(low, CHECKS_MAX if config.pace else low)
         self.check_gate = Gate(low)
         # Transfers at once: --threads, twice that to a distant target (while some workers
         # wait for the target's answer across the link, others send). The round trip is
@@ -4302,9 +4300,8 @@ def _setup_argparser() -> ArgumentParser:
     run.add_argument("--threads", type=whole_number(1), default=None, metavar="N",
                      help=f"parallel transfers (default: {Config.threads}); given, also the "
                           "most file downloads in flight; without it, up to "
-                          f"{FAR_REQUESTS_MAX} downloads and {CHECKS_MAX} study checks "
-                          f"({CHECKS_ONLY_MAX} with --check or --dry-run) are kept in flight as "
-                          "a distant link needs")
+                          f"{FAR_REQUESTS_MAX} downloads and {CHECKS_MAX} study checks are kept "
+                          "in flight as a distant link needs")
     run.add_argument("--ignore-errors", action="store_true",
                      help="go on after a failed instance and list failures at the end "
                           "(default: stop at the first); a target that cannot write files "
