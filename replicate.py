@@ -3986,21 +3986,20 @@ class Run:
         """Skip the studies the save file records complete and the target has; check the
         others and copy what they lack."""
         journal, outcome = context.journal, self.outcome
-
-        def needs_look(study: str) -> bool:
-            return study not in journal.studies or study not in on_target
         outcome.studies = len(studies)
+        work = []  # the studies to look at, in the source's order
         for study in studies:
-            if not needs_look(study):
-                outcome.studies_skipped += 1
-                outcome.skipped_instances += journal.studies[study]
-                if self.mirror is not None:
-                    self.mirror.trusted(study, journal.studies[study])
+            if study not in journal.studies or study not in on_target:
+                work.append(study)
+                continue
+            outcome.studies_skipped += 1
+            outcome.skipped_instances += journal.studies[study]
+            if self.mirror is not None:
+                self.mirror.trusted(study, journal.studies[study])
         for line in plan_lines(outcome, statistics):
             self.say(line)
         total = None if statistics is None else max(
             0, int(statistics["CountInstances"]) - outcome.skipped_instances)
-        work = [study for study in studies if needs_look(study)]
         order = StudyOrder(context.source, self.config.order, self.config.threads) \
             if work and self.config.order != "source" and not self.config.dry_run else None
         if order is not None:
