@@ -334,6 +334,9 @@ class Seen:
     instances: dict[str, tuple[str, str]] = field(default_factory=dict)  # ID -> (series, SOP UID)
     series: dict[str, str] = field(default_factory=dict)  # series ID -> SeriesInstanceUID
 
+    def series_of(self, instance: str) -> str:
+        return self.instances.get(instance, ("", ""))[0]
+
     def uids(self, instance: str) -> tuple[str, str]:
         series, sop = self.instances.get(instance, ("", ""))
         return self.series.get(series, ""), sop
@@ -1428,7 +1431,7 @@ def described_check(source: OrthancClient, target: OrthancClient, study: str, on
     if not uids:
         check.tags = tags.result()
         return check
-    if listed is None and any(seen.instances.get(instance.id, ("", ""))[0] not in seen.series
+    if listed is None and any(seen.series_of(instance.id) not in seen.series
                               for instance in check.missing):
         listed = pool.submit(study_layout, source, study, series)
 
@@ -1436,7 +1439,7 @@ def described_check(source: OrthancClient, target: OrthancClient, study: str, on
         records = unless_missing(lambda: target.get(f"/series/{series_id}/instances")) or []
         seen.instances.update((record["ID"], (series_id, record.get("MainDicomTags", {}).get(
             "SOPInstanceUID", ""))) for record in records)
-    holding = {seen.instances.get(instance, ("", ""))[0] for instance in check.extra} - {""}
+    holding = {seen.series_of(instance) for instance in check.extra} - {""}
     for done in [pool.submit(target_series, series_id) for series_id in sorted(holding)]:
         done.result()
     if listed is not None:
