@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import shutil
@@ -563,6 +564,68 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
             "directions:", ""] + lines + [""] + notes
 
 
+# ---- a target larger than this machine -------------------------------------------------------
+# (corpus, bytes a second a connection, bytes a second in all): the target behind
+# tests/linkproxy.py's CappedProxy, a many-core server or a small cluster. Mixed holds two
+# files of 63 MB, which take 21 s through one connection at 3 MB/s whatever else happens:
+# its floor is that when it is more than the bytes over the total rate.
+CAPPED_CASES = [("varied", 3e6, 24e6), ("varied", 3e6, 40e6), ("mixed", 3e6, 24e6),
+                ("mixed", 3e6, 40e6)]
+
+
+def capped(scale: str, work: Path, cache: Path, baseline: Optional[str],
+           repeat: int) -> list[str]:
+    """Each case of CAPPED_CASES with default options (and `baseline`'s, if given): time
+    against the cap's floor (the bytes over the total rate, or the largest file over one
+    connection's rate if longer), peak RSS, the tool's CPU, and the uploads in flight the
+    run reports."""
+    from linkproxy import CappedProxy
+    lines = ["| corpus | a connection | in all | floor | script | time | / floor | peak RSS | "
+             "tool CPU | uploads at once (at most) | why |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    source: Optional[OrthancServer] = None
+    loaded = ""
+    try:
+        for corpus, per_connection, total in CAPPED_CASES:
+            if corpus != loaded:
+                if source is not None:
+                    discard(source)
+                source = OrthancServer(work / f"capped-source-{corpus}", "SOURCE").start()
+                loaded = corpus
+                load(source, generate(corpus, scale, cache))
+            size = int(source.get("/statistics")["TotalUncompressedSize"])
+            largest = max(path.stat().st_size for path in generate(corpus, scale, cache))
+            cap_floor = max(size / total, largest / per_connection)
+            for _ in range(repeat):
+                for label, script in (("this", SCRIPT), ("baseline", baseline)):
+                    if script is None:
+                        continue
+                    target = fresh_target(work, "capped")
+                    proxy = CappedProxy(target.port, per_connection, total)
+                    report = target.folder / "report.json"
+                    settle()
+                    timing, rss, _, _ = ours(
+                        source, target, target.folder / "save", urls=(source.url, proxy.url),
+                        script=script, options=("--report", str(report)))
+                    proxy.close()
+                    check_copy(source, target, scale == "smoke")
+                    link = json.loads(report.read_text()).get("link", {})
+                    discard(target)
+                    lines.append(
+                        f"| {corpus} | {per_connection / 1e6:.0f} MB/s | {total / 1e6:.0f} MB/s "
+                        f"| {cap_floor:.2f} s | {label} | {timing.seconds:.2f} s | "
+                        f"{timing.seconds / cap_floor:.2f} | {rss / 1024:.0f} MB | "
+                        f"{timing.client_cpu:.1f} s | {link.get('uploads_now', '-')} "
+                        f"({link.get('uploads_in_flight_max', '-')}) | "
+                        f"{link.get('uploads_why', '-')} |")
+                    print(lines[-1], file=sys.stderr, flush=True)
+    finally:
+        if source is not None:
+            discard(source)
+    return ["a target larger than this machine (tests/linkproxy.py's CappedProxy), default "
+            "options:", ""] + lines
+
+
 RERUN_CORPORA = {"tiny", "scale20k", "scale", "onestudy"}
 ORDER_CORPORA = {"scale20k", "scale"}  # also copied with --order source, to compare
 COUNT_LUA = ('function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n'
@@ -653,12 +716,14 @@ def checks(scale: str, work: Path, cache: Path, baseline: Optional[str]) -> list
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="replicate.py against Orthanc's push")
-    parser.add_argument("--corpora", default="mixed,tiny,big,scale20k,scale,onestudy,wan,check",
-                        help="comma-separated; wan is the cases across a distant link, check "
-                             "the --check of the scale corpus (default: all)")
+    parser.add_argument("--corpora",
+                        default="mixed,tiny,big,scale20k,scale,onestudy,wan,capped,check",
+                        help="comma-separated; wan is the cases across a distant link, capped "
+                             "those into a target larger than this machine, check the --check "
+                             "of the scale corpus (default: all)")
     parser.add_argument("--baseline", default=None, metavar="SCRIPT",
                         help="another version's replicate.py, timed beside this one in the "
-                             "check part (default: none)")
+                             "capped and check parts (default: none)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each (default: 2)")
     parser.add_argument("--scale", choices=("full", "smoke"), default="full",
                         help="full corpora or seconds-long ones (default: full)")
@@ -669,10 +734,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="replicate-bench-run-"))
     try:
         corpora = args.corpora.split(",")
-        local = [corpus for corpus in corpora if corpus not in ("wan", "check")]
+        local = [corpus for corpus in corpora if corpus not in ("wan", "check", "capped")]
         lines = run(local, args.repeat, args.scale, work, Path(args.cache)) if local else []
         if "wan" in corpora:
             lines += [""] + wan(args.scale, work, Path(args.cache))
+        if "capped" in corpora:
+            lines += [""] + capped(args.scale, work, Path(args.cache), args.baseline,
+                                   args.repeat)
         if "check" in corpora:
             lines += [""] + checks(args.scale, work, Path(args.cache), args.baseline)
         for line in lines:

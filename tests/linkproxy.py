@@ -12,7 +12,13 @@ Two ways of sharing it:
   behave many VPN concentrators and WAN routers (bufferbloat): a new request waits behind
   everything queued before it, a second or more at several MB per connection.
 
-Used by the WAN tests and the benchmark's `wan` part; the kernel here has no netem."""
+Used by the WAN tests and the benchmark's `wan` part; the kernel here has no netem.
+
+CappedProxy is the stand-in for a target larger than this machine (a many-core server, or a
+cluster of Orthanc nodes behind a load balancer): next to the tool, it serves each connection
+at most `per_connection` bytes a second and all of them together at most `total`, as a server
+that handles each request in one thread of many. One upload then gets a fraction of what the
+server can take; only several at once fill it."""
 
 from __future__ import annotations
 
@@ -43,6 +49,18 @@ class Direction:
             self.free_at = start + count / self.rate
             self.moved += count
             return self.free_at
+
+
+class Capacity:
+    """What a connection may take of a server: its own rate and a share of the total. A block
+    leaves once both have had the time to send it, so one connection never goes faster than
+    `own` and all of them together never faster than `shared`."""
+
+    def __init__(self, own: Direction, shared: Direction) -> None:
+        self.own, self.shared = own, shared
+
+    def occupy(self, count: int) -> float:
+        return max(self.own.occupy(count), self.shared.occupy(count))
 
 
 class LinkProxy(TcpProxy):
@@ -159,3 +177,27 @@ class Pump:
         except OSError:
             pass
         self.closing.done()
+
+
+class CappedProxy(TcpProxy):
+    """A server's capacity in front of a real server (see the module's docstring): no delay,
+    each connection at `per_connection` bytes a second in each direction, all of them at
+    `total`."""
+
+    def __init__(self, upstream_port: int, per_connection: float, total: float) -> None:
+        self.per_connection = per_connection
+        self.up, self.down = Direction(total), Direction(total)
+        super().__init__(upstream_port)
+
+    def _serve(self, client: socket.socket, number: int) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            client.close()
+            return
+        for end in (client, upstream):
+            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        closing = Closing((client, upstream))
+        for source, sink, shared in ((client, upstream, self.up), (upstream, client, self.down)):
+            Pump(source, sink, Capacity(Direction(self.per_connection), shared), 0.0, 0.0,
+                 closing).start()
