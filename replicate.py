@@ -35,6 +35,7 @@ stderr) and returns the counts and the exit status:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import getpass
 import io
@@ -118,6 +119,18 @@ FAR_REQUESTS_MAX = 32
 PAUSE_LOOK = 0.5  # seconds between looks at the clock while --bwlimit pauses the run
 CONFIRM_EVERY = 60.0  # --follow: seconds at least between confirmations of the target's studies
 CHECKS_MAX = 16
+# Batches copied at once without --threads: found by measurement (see UploadLimit), at most
+# UPLOADS_MAX, since each holds up to a batch (BATCH_MAX_BYTES) while it is sent. A step up is
+# kept while the rate grows by UPLOAD_GROWTH; after one that did not pay, the next is tried
+# UPLOAD_HOLD seconds later. A 503 or 429 keeps the number below where it came for
+# REFUSED_MEMORY seconds. In the rate, an instance weighs INSTANCE_WORK bytes besides its own
+# (a server's cost of an instance, whatever its size); a window lasts UPLOAD_WINDOW at least.
+UPLOADS_MAX = 16
+UPLOAD_GROWTH = 1.1
+UPLOAD_HOLD = 30.0
+REFUSED_MEMORY = 600.0
+INSTANCE_WORK = 64 * 1024
+UPLOAD_WINDOW = 1.0
 # A server whose quickest answer took longer than this is across a network: bundles from it
 # are then fetched as the archives it deflates, if a sample shows they shrink to at most
 # ARCHIVE_WORTH of the files (one bundle in ARCHIVE_SAMPLE_EVERY is sampled).
@@ -2176,6 +2189,174 @@ class Gate:
             self.changed.notify()
 
 
+# ---- how many batches at once ---------------------------------------------------------------
+class UploadLimit:
+    """How many uploads (POSTs to the target) are in flight at once, found by measurement as
+    TCP finds its window. From the start (--threads, twice that to a distant target) the
+    number doubles while the rate doubles with it; from the first step that does not pay,
+    it grows by a quarter, at once after a step that paid and UPLOAD_HOLD seconds after one
+    that did not, to see whether the target has room again. A step is kept if the rate grew
+    by UPLOAD_GROWTH; else the number goes back (the answers slowed down as much as the
+    number grew). A 503 or 429 (an Orthanc cluster whose database retries ran out, a
+    proxy's limit) takes the number below the uploads in flight when it came, to three
+    quarters at most, and that many is not tried again for REFUSED_MEMORY seconds. The
+    ceiling bounds memory. --threads fixes the number.
+
+    A window's rate is the work (bytes, and INSTANCE_WORK an instance) of the uploads that
+    ended in it over its time. It begins when the first upload begun at the current number
+    ends (those in flight before have drained, about) and lasts until as many uploads as
+    the number have ended, UPLOAD_WINDOW at least. A window in which fewer uploads were in
+    flight than the number allows decides nothing: the target was not what bounded it.
+    Workers enter before an upload and leave after it; the walk reads `limit`."""
+
+    def __init__(self, start: int, fixed: bool, ceiling: int = UPLOADS_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock, self.fixed = clock, fixed
+        self.limit = start
+        self.ceiling = start if fixed else max(start, ceiling)
+        self.why = f"fixed by --threads {start}" if fixed else "measuring"
+        self.changed = threading.Condition()  # its lock guards everything here
+        self.running = 0  # uploads in flight now, and at most
+        self.running_max = 0
+        self.doubling = True
+        self.kept: Optional[tuple[int, float]] = None  # (number, rate) of the kept number
+        self.next_try = 0.0  # when a step up may be tried, after one that did not pay
+        self.refused_at: Optional[int] = None  # uploads in flight when a 503 or 429 came
+        self.refused_when = 0.0
+        self.epoch = 0  # windows begun
+        self.changes = 0  # changes of the number
+        self.halted = False  # the walk is stopping: no upload begins (see halt)
+        self.new_window(clock())
+
+    def new_window(self, now: float) -> None:
+        self.epoch += 1  # uploads begun before this are of the last window
+        self.started: Optional[float] = None  # when the window began measuring
+        self.ticked = now
+        self.busy = 0.0  # uploads in flight, integrated over the window's time
+        self.work = 0.0
+        self.ended = 0
+
+    def tick(self, now: float) -> None:
+        if self.started is not None:
+            self.busy += self.running * (now - self.ticked)
+        self.ticked = now
+
+    def enter(self, stop: threading.Event) -> tuple[int, int, int]:
+        """Wait for room to upload; the upload's token (the window and the number it began
+        in, the uploads in flight with it)."""
+        with self.changed:
+            while self.running >= self.limit or self.halted:
+                if stop.is_set() or self.halted:
+                    raise Interrupted()
+                self.changed.wait(0.5)
+            self.tick(self.clock())
+            self.running += 1
+            self.running_max = max(self.running_max, self.running)
+            return self.epoch, self.changes, self.running
+
+    def leave(self, token: tuple[int, int, int], bytes_moved: int, instances: int) -> None:
+        """An upload ended; what it carried (nothing if it failed)."""
+        with self.changed:
+            now = self.clock()
+            self.tick(now)
+            self.running -= 1
+            self.changed.notify()
+            if self.fixed:
+                return
+            if self.started is None:
+                if token[0] == self.epoch:
+                    self.started = now
+                return
+            self.work += bytes_moved + instances * INSTANCE_WORK
+            self.ended += 1
+            if self.ended >= max(4, self.limit) and now - self.started >= UPLOAD_WINDOW:
+                self.decide(now)
+
+    def refused(self, token: tuple[int, int, int], status: int) -> None:
+        """The target answered 503 or 429 to an upload begun with `token`."""
+        with self.changed:
+            if self.fixed or token[1] != self.changes:
+                return  # the number has changed since that upload began
+            now = self.clock()
+            count = token[2]  # uploads in flight as it began, itself included
+            if self.refused_at is None or now - self.refused_when > REFUSED_MEMORY:
+                self.refused_at = count
+            self.refused_at = min(self.refused_at, count)
+            self.refused_when = now
+            self.set_limit(max(1, min(count - 1, self.limit * 3 // 4)))
+            self.why = (f"the target answered HTTP {status} with {count} at once; not "
+                        f"tried again for {REFUSED_MEMORY / 60:.0f} minutes")
+            self.kept, self.doubling, self.next_try = None, False, now + UPLOAD_HOLD
+            log.debug("uploads at once: %d (%s)", self.limit, self.why)
+            self.new_window(now)
+
+    def top(self, now: float) -> tuple[int, str]:
+        """The most the number may be now, and why."""
+        if self.refused_at is not None and now - self.refused_when <= REFUSED_MEMORY:
+            return (max(1, min(self.ceiling, self.refused_at - 1)),
+                    f"below the {self.refused_at} at once the target refused with 503 or 429")
+        return self.ceiling, f"the ceiling that bounds memory ({self.ceiling})"
+
+    def decide(self, now: float) -> None:
+        """The end of a window (the lock held): keep, step up or go back."""
+        number = self.limit
+        elapsed = max(now - self.started, 1e-6)  # type: ignore[operator]
+        rate = self.work / elapsed
+        starved = self.busy / elapsed < 0.75 * number
+        trying = self.kept is not None and number > self.kept[0]
+        if trying and not starved and rate >= self.kept[1] * UPLOAD_GROWTH:  # type: ignore
+            before = self.kept
+            self.kept = (number, rate)
+            self.step_up(now, f"the rate grew: {format_bytes(before[1])}/s at {before[0]}, "
+                         f"{format_bytes(rate)}/s at {number}")  # type: ignore[index]
+        elif trying:
+            kept_number, kept_rate = self.kept  # type: ignore[misc]
+            self.set_limit(kept_number)
+            self.doubling, self.next_try = False, now + UPLOAD_HOLD
+            self.why = ("the walk had fewer batches than that" if starved else
+                        f"the rate stopped growing: {format_bytes(kept_rate)}/s at "
+                        f"{kept_number}, {format_bytes(rate)}/s at {number}")
+        elif starved:  # decides nothing: the number stays, for the reason it had
+            if self.why == "measuring":
+                self.why = f"the walk had fewer batches than {number} at once"
+        else:
+            self.kept = (number, rate)
+            if self.doubling or now >= self.next_try:
+                self.step_up(now, f"trying more: {format_bytes(rate)}/s at {number}")
+        log.debug("uploads at once: %d (%s)", self.limit, self.why)
+        self.new_window(now)
+
+    def set_limit(self, number: int) -> None:
+        if number != self.limit:
+            self.limit = number
+            self.changes += 1
+            self.changed.notify_all()
+
+    def step_up(self, now: float, why: str) -> None:
+        number = self.limit
+        top, reason = self.top(now)
+        wanted = number * 2 if self.doubling else number + max(1, number // 4)
+        self.set_limit(min(top, wanted))
+        if self.limit <= number:
+            self.why = f"{reason}; {why}" if why.startswith("the rate grew") else reason
+            self.next_try = now + UPLOAD_HOLD
+        else:
+            self.why = why
+
+    def halt(self, halted: bool = True) -> None:
+        """A walk that stops on a failure begins no more uploads: those waiting for room
+        give up (Interrupted) and their batches stay for a re-run. A new walk lifts it."""
+        with self.changed:
+            self.halted = halted
+            self.changed.notify_all()
+
+    @property
+    def spare(self) -> int:
+        """Batches fetched ahead of their upload, beside the uploads at once; none when the
+        number is fixed (--threads N: N copies, each fetching then sending, as asked)."""
+        return 0 if self.fixed else max(2, self.limit // 4)
+
+
 class UploadBody:
     """A request body read in blocks with a known length (so requests sends a Content-Length
     and never holds it whole), paced by the rate limiter, stopping promptly when asked to."""
@@ -2210,9 +2391,15 @@ class Copier:
 
     def __init__(self, source: OrthancClient, target: OrthancClient, policy: RetryPolicy,
                  stop: threading.Event, limiter: Optional[RateLimiter] = None,
-                 workers: int = Config.threads, far_max: int = FAR_REQUESTS_MAX) -> None:
+                 workers: int = Config.threads, far_max: int = FAR_REQUESTS_MAX,
+                 adapt: bool = True) -> None:
         self.source, self.target, self.policy, self.stop = source, target, policy, stop
         self.limiter = limiter
+        # Batches at once: from --threads, twice that to a distant target (while some wait
+        # for its answer across the link, others send), as the measured rate says (see
+        # UploadLimit). The round trip is known from the first requests, before the walk.
+        self.uploads = UploadLimit(workers * (2 if adapt and target.distant else 1),
+                                   fixed=not adapt)
         # File downloads in flight: one a worker next to the source, up to `far_max` across
         # a link, fetched by a shared pool for the workers' bundles.
         self.workers = workers
@@ -2240,6 +2427,22 @@ class Copier:
 
     def close(self) -> None:
         self.fetchers.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.contextmanager
+    def uploading(self, size: int, instances: int) -> Iterator[None]:
+        """One of the uploads at once (see UploadLimit): waits for room, then tells the limit
+        whether the target refused it (503, 429) or what it carried."""
+        token = self.uploads.enter(self.stop)
+        moved = 0
+        try:
+            yield
+            moved = size
+        except HttpStatusError as error:
+            if error.role == "target" and error.status in (429, 503):
+                self.uploads.refused(token, error.status)
+            raise
+        finally:
+            self.uploads.leave(token, moved, instances if moved else 0)
 
     def copy(self, batch: Batch) -> BatchResult:
         if batch.mode == "single":
@@ -2321,6 +2524,10 @@ class Copier:
 
     def stream_one(self, instance: Instance) -> Any:
         """GET the file and POST it as it arrives; memory stays at a few blocks."""
+        with self.uploading(instance.size, 1):
+            return self.stream(instance)
+
+    def stream(self, instance: Instance) -> Any:
         download = self.source.send("GET", f"/instances/{instance.id}/file", stream=True)
         try:
             encoding = download.headers.get("Content-Encoding", "identity").lower()
@@ -2387,9 +2594,10 @@ class Copier:
             body = UploadBody(parts_reader(parts), length, self.stop, self.limiter)
         if isinstance(body, bytes) and self.limiter is not None:
             body = UploadBody(io.BytesIO(body).read, len(body), self.stop, self.limiter)
-        answer = self.target.decode(self.target.send(
-            "POST", "/instances", data=body, headers={"Content-Type": "application/zip"}),
-            "POST", "/instances")
+        with self.uploading(batch.size, len(ids)):
+            answer = self.target.decode(self.target.send(
+                "POST", "/instances", data=body, headers={"Content-Type": "application/zip"}),
+                "POST", "/instances")
         records = answer if isinstance(answer, list) else [answer]
         return {record["ID"]: record.get("Status", "") for record in records
                 if isinstance(record, dict) and "ID" in record}
@@ -2745,11 +2953,6 @@ class Walk:
         low = max(2, config.threads // 2)
         self.check_pace = Pace(low, CHECKS_MAX if config.pace else low)
         self.check_gate = Gate(low)
-        # Transfers at once: --threads, twice that to a distant target (while some workers
-        # wait for the target's answer across the link, others send). The round trip is
-        # known from the first requests, before the walk.
-        far = config.pace and copier.target.distant
-        self.senders = config.threads * (2 if far else 1)
         self.checks: dict[Future, str] = {}
         self.transfers: dict[Future, Batch] = {}
         # Checks and transfers put themselves here as they end; the loop below waits on it
@@ -2766,7 +2969,10 @@ class Walk:
         pending = iter(studies)
         more = True
         checkers = ThreadPoolExecutor(self.check_pace.high, thread_name_prefix="check")
-        senders = ThreadPoolExecutor(self.senders, thread_name_prefix="copy")
+        uploads = self.copier.uploads  # how many at once
+        uploads.halt(False)
+        senders = ThreadPoolExecutor(uploads.ceiling + max(2, uploads.ceiling // 4),
+                                     thread_name_prefix="copy")
         # --check: the requests that describe a difference, a few for each check in flight
         self.describing = ThreadPoolExecutor(
             3 * self.check_pace.high, thread_name_prefix="describe") if config.check else None
@@ -2776,11 +2982,12 @@ class Walk:
                 if more and not stopping:
                     more = self.submit_checks(checkers, pending, on_target)
                 # A batch not yet full goes when the workers would otherwise idle, or at the end.
-                if not self.ready and (len(self.transfers) < max(1, config.threads // 2)
+                if not self.ready and (len(self.transfers) < max(1, uploads.limit // 2)
                                        or (not more and not self.checks)):
                     for batch in self.batcher.flush():
                         self.queue(batch)
-                while self.ready and not stopping and len(self.transfers) < self.senders * 2:
+                while (self.ready and not stopping
+                       and len(self.transfers) < uploads.limit + uploads.spare):
                     batch = self.ready.popleft()
                     self.ready_count -= len(batch.instances)
                     future = senders.submit(self.copier.copy, batch)
@@ -2868,6 +3075,7 @@ class Walk:
         outcome = self.outcome
         if outcome.target_full or (outcome.failed and not self.config.ignore_errors):
             outcome.stopped_on_failure = True  # submit no more; what is in flight lands
+            self.copier.uploads.halt()
         return outcome.stopped_on_failure or self.stop.is_set()
 
     def queue(self, batch: Batch) -> None:
@@ -2958,6 +3166,7 @@ class Walk:
         return ((f"{reached}, " if reached else "")
                 + f"{format_count(outcome.copied)} copied, {format_bytes(outcome.copied_bytes)}"
                 + (f", {format_count(len(outcome.failed))} failed" if outcome.failed else "")
+                + f", {plural(self.copier.uploads.limit, 'upload')} at once"
                 + ("" if limiter is None else ", no bandwidth limit now"
                    if limiter.in_force is None else f", limit {describe_rate(limiter.in_force)}"))
 
@@ -3896,7 +4105,7 @@ class Run:
         if limiter is not None:
             source.hold = target.hold = limiter.hold
         copier = Copier(source, target, config.policy, self.stop, limiter, config.threads,
-                        FAR_REQUESTS_MAX if config.pace else config.threads)
+                        FAR_REQUESTS_MAX if config.pace else config.threads, config.pace)
         self.context = Context(config, self.stop, source, target, journal, copier, self.outcome)
         background = ThreadPoolExecutor(1, thread_name_prefix="changes")
         try:
@@ -4109,6 +4318,9 @@ def link_report(copier: Copier, outcome: Outcome) -> dict:
     return {"source_latency_ms": milliseconds(copier.source.latency),
             "target_latency_ms": milliseconds(copier.target.latency),
             "downloads_in_flight_max": copier.downloads_max,
+            "uploads_now": copier.uploads.limit,
+            "uploads_in_flight_max": copier.uploads.running_max,
+            "uploads_why": copier.uploads.why,
             "checks_in_flight_max": outcome.checks_max,
             "studies_in_flight_max": outcome.studies_max,
             "archive_ratio": (round(copier.archive_ratio, 3)

@@ -17,13 +17,15 @@ NGINX_BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
 
 class Nginx:
     """One nginx process with its own prefix folder, proxying a port on 127.0.0.1 to
-    `upstream` (an Orthanc's HTTP port). `server` holds directives added to the server block
-    (for example an `if` that checks a header); `tls`, when given, is (certificate, key,
-    client CA or None): HTTPS, with client certificates verified against the CA if given."""
+    `upstream` (an Orthanc's HTTP port), or round robin to several (the nodes of a cluster).
+    `server` holds directives added to the server block (for example an `if` that checks a
+    header), `http` those of the http block (a map, a limit's zone); `tls`, when given, is
+    (certificate, key, client CA or None): HTTPS, with client certificates verified against
+    the CA if given."""
 
-    def __init__(self, folder: Path, upstream: int, server: str = "",
+    def __init__(self, folder: Path, upstream: "int | list[int]", server: str = "",
                  tls: Optional[tuple[Path, Path, Optional[Path]]] = None,
-                 body_limit: str = "0") -> None:
+                 body_limit: str = "0", http: str = "") -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -36,6 +38,8 @@ class Nginx:
             lines += [f"ssl_certificate {certificate};", f"ssl_certificate_key {key};"]
             if client_ca is not None:
                 lines += [f"ssl_client_certificate {client_ca};", "ssl_verify_client on;"]
+        nodes = " ".join(f"server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;"
+                         for port in (upstream if isinstance(upstream, list) else [upstream]))
         self.config = f"""
 user root;
 worker_processes 1;
@@ -50,7 +54,8 @@ http {{
     fastcgi_temp_path {folder}/fastcgi;
     uwsgi_temp_path {folder}/uwsgi;
     scgi_temp_path {folder}/scgi;
-    upstream orthanc {{ server 127.0.0.1:{upstream}; keepalive 16; }}
+    {http}
+    upstream orthanc {{ {nodes} keepalive 16; }}
     server {{
         {listen};
         client_max_body_size {body_limit};

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Callable
 import threading
 from pathlib import Path
 
@@ -394,6 +395,82 @@ def test_pace_halves_its_ceiling_when_a_server_is_overloaded_and_recovers() -> N
         pace.done()
         pace.width(0.08)
     assert pace.ceiling == 4 + 3  # one more each calm window
+
+
+def upload_rounds(uploads: replicate.UploadLimit, clock: FakeClock, seconds: float,
+                  capacity: Callable[[int], float], refuse_above: int = 0,
+                  offered: int = 1000) -> list[int]:
+    """Uploads of 1 MB in rounds: as many as the limit allows (and `offered` gives) begin
+    together and end together, after the time a target that moves capacity(n) bytes a second
+    with n at once takes; past `refuse_above` at once (if given), it answers 503. The limit
+    at each round."""
+    seen = []
+    stop = threading.Event()
+    end = clock.now + seconds
+    while clock.now < end:
+        number = min(uploads.limit, offered)
+        seen.append(number)
+        tokens = [uploads.enter(stop) for _ in range(number)]
+        clock.now += number * 1e6 / capacity(number)
+        for position, token in enumerate(tokens, 1):
+            if refuse_above and position > refuse_above:
+                uploads.refused(token, 503)
+                uploads.leave(token, 0, 0)
+            else:
+                uploads.leave(token, 1_000_000, 1)
+    return seen
+
+
+def test_uploads_double_while_the_rate_does_and_go_back_when_it_stops() -> None:
+    clock = FakeClock()
+    uploads = replicate.UploadLimit(4, fixed=False, ceiling=32, clock=clock)
+    # each upload at 1 MB/s, at most 6 MB/s in all: 8 pays (6 against 4), 16 does not
+    seen = upload_rounds(uploads, clock, 20, lambda number: min(number, 6) * 1e6)
+    assert seen[:3] == [4, 4, 8] and 16 in seen
+    assert uploads.limit == 8
+    assert uploads.why.startswith("the rate stopped growing: ")
+    # UPLOAD_HOLD later, a quarter more is tried, and given up again
+    seen = upload_rounds(uploads, clock, replicate.UPLOAD_HOLD + 10,
+                         lambda number: min(number, 6) * 1e6)
+    assert 10 in seen and uploads.limit == 8
+
+
+def test_uploads_stop_at_the_ceiling_that_bounds_memory() -> None:
+    clock = FakeClock()
+    uploads = replicate.UploadLimit(4, fixed=False, ceiling=16, clock=clock)
+    seen = upload_rounds(uploads, clock, 60, lambda number: number * 1e6)
+    assert max(seen) == 16 and uploads.limit == 16
+    assert uploads.why.startswith("the ceiling that bounds memory (16)")
+
+
+def test_uploads_settle_below_the_number_a_target_refuses_with_503() -> None:
+    clock = FakeClock()
+    uploads = replicate.UploadLimit(4, fixed=False, ceiling=32, clock=clock)
+    seen = upload_rounds(uploads, clock, 200, lambda number: number * 1e6, refuse_above=6)
+    first = seen.index(8)  # the doubling went past 6 once
+    assert max(seen[first + 1:]) <= 6
+    assert uploads.limit <= 6
+    assert "503 with" in uploads.why or "refused" in uploads.why
+    # REFUSED_MEMORY later, the number may be tried again
+    clock.now += replicate.REFUSED_MEMORY
+    seen = upload_rounds(uploads, clock, replicate.UPLOAD_HOLD + 20,
+                         lambda number: number * 1e6)
+    assert max(seen) > 6
+
+
+def test_uploads_do_not_grow_when_the_walk_gives_fewer_batches() -> None:
+    clock = FakeClock()
+    uploads = replicate.UploadLimit(4, fixed=False, ceiling=32, clock=clock)
+    upload_rounds(uploads, clock, 30, lambda number: number * 1e6, offered=2)
+    assert uploads.limit == 4
+    assert uploads.why == "the walk had fewer batches than 4 at once"
+
+
+def test_threads_fixes_the_uploads_at_once() -> None:
+    clock = FakeClock()
+    uploads = replicate.UploadLimit(3, fixed=True, clock=clock)
+    seen = upload_rounds(uploads, clock, 30, lambda number: number * 1e6, refuse_above=2)
+    assert set(seen) == {3} and uploads.why == "fixed by --threads 3"
 
 
 def test_pace_forgets_completions_older_than_its_window_even_when_not_asked() -> None:
