@@ -2365,7 +2365,7 @@ class UploadLimit:
     def spare(self) -> int:
         """Batches fetched ahead of their upload, beside the uploads at once; none when the
         number is fixed (--threads N: N copies, each fetching then sending, as asked)."""
-        return 0 if self.fixed else max(2, self.limit // 4)
+        return 0 if self.fixed else max(1, self.limit // 4)
 
 
 class UploadBody:
