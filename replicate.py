@@ -12,8 +12,8 @@ complete since the last run and untouched in the source's change log are not loo
 The file reads top down, each section building on those above it: facts (constants,
 errors, data classes, pure helpers); the Orthanc client; walking the source (listings, finds,
 the change log) and the order of studies; the journal (save file); the transfer engine
-(Copier, RateLimiter) and progress; then the stages of a run, each a section that owns its
-state, and the command line and main. A run:
+(Copier, UploadLimit, RateLimiter) and progress; then the stages of a run, each a section
+that owns its state, and the command line and main. A run:
 
     Run.execute: connect, preflight (the target's settings), open the Journal
       -> resume: what the save file lets the run skip (the change log since its mark)
@@ -2362,6 +2362,11 @@ class UploadLimit:
             self.changed.notify_all()
 
     @property
+    def copies_max(self) -> int:
+        """The most batches in flight: uploads at the ceiling and those fetched ahead."""
+        return self.ceiling + (0 if self.fixed else max(1, self.ceiling // 4))
+
+    @property
     def spare(self) -> int:
         """Batches fetched ahead of their upload, beside the uploads at once; none when the
         number is fixed (--threads N: N copies, each fetching then sending, as asked)."""
@@ -2406,8 +2411,8 @@ class Copier:
                  adapt: bool = True) -> None:
         self.source, self.target, self.policy, self.stop = source, target, policy, stop
         self.limiter = limiter
-        # Batches at once: from --threads, twice that to a distant target (while some wait
-        # for its answer across the link, others send), as the measured rate says (see
+        # Uploads at once: from --threads, twice that to a distant target (while some wait
+        # for its answer across the link, others send), then as the measured rate says (see
         # UploadLimit). The round trip is known from the first requests, before the walk.
         self.uploads = UploadLimit(workers * (2 if adapt and target.distant else 1),
                                    fixed=not adapt)
@@ -2982,8 +2987,7 @@ class Walk:
         checkers = ThreadPoolExecutor(self.check_pace.high, thread_name_prefix="check")
         uploads = self.copier.uploads  # how many at once
         uploads.halt(False)
-        senders = ThreadPoolExecutor(uploads.ceiling + max(2, uploads.ceiling // 4),
-                                     thread_name_prefix="copy")
+        senders = ThreadPoolExecutor(uploads.copies_max, thread_name_prefix="copy")
         # --check: the requests that describe a difference, a few for each check in flight
         self.describing = ThreadPoolExecutor(
             3 * self.check_pace.high, thread_name_prefix="describe") if config.check else None
@@ -4524,8 +4528,9 @@ def _setup_argparser() -> ArgumentParser:
     run.add_argument("--save", default="studies.list", metavar="FILE",
                      help="save file that records progress (default: studies.list)")
     run.add_argument("--threads", type=whole_number(1), default=None, metavar="N",
-                     help=f"parallel transfers (default: {Config.threads}); given, also the "
-                          "most file downloads in flight; without it, up to "
+                     help=f"uploads at once, fixed (default: {Config.threads} at first, then as "
+                          f"many as the target's measured rate rewards, up to {UPLOADS_MAX}); "
+                          "given, also the most file downloads in flight; without it, up to "
                           f"{FAR_REQUESTS_MAX} downloads and {CHECKS_MAX} study checks are kept "
                           "in flight as a distant link needs")
     run.add_argument("--ignore-errors", action="store_true",

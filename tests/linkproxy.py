@@ -74,18 +74,28 @@ class LinkProxy(TcpProxy):
 
     def _serve(self, client: socket.socket, number: int) -> None:
         accepted = time.monotonic()
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        except OSError:
-            client.close()
+        pair = open_upstream(client, self.upstream_port)
+        if pair is None:
             return
-        for end in (client, upstream):
-            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        closing = Closing((client, upstream))
+        upstream, closing = pair
         # The handshake: the client's first byte can leave one round trip after it connected.
         Pump(client, upstream, self.up, self.rtt / 2, accepted + self.rtt, closing,
              self.depth).start()
         Pump(upstream, client, self.down, self.rtt / 2, 0.0, closing, self.depth).start()
+
+
+def open_upstream(client: socket.socket,
+                  port: int) -> "Optional[tuple[socket.socket, Closing]]":
+    """The connection to the server for a client's, both without Nagle's delay, and what
+    closes them; None, the client's closed, if the server refuses it."""
+    try:
+        upstream = socket.create_connection(("127.0.0.1", port))
+    except OSError:
+        client.close()
+        return None
+    for end in (client, upstream):
+        end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return upstream, Closing((client, upstream))
 
 
 class Closing:
@@ -190,14 +200,10 @@ class CappedProxy(TcpProxy):
         super().__init__(upstream_port)
 
     def _serve(self, client: socket.socket, number: int) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        except OSError:
-            client.close()
+        pair = open_upstream(client, self.upstream_port)
+        if pair is None:
             return
-        for end in (client, upstream):
-            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        closing = Closing((client, upstream))
+        upstream, closing = pair
         for source, sink, shared in ((client, upstream, self.up), (upstream, client, self.down)):
             Pump(source, sink, Capacity(Direction(self.per_connection), shared), 0.0, 0.0,
                  closing).start()

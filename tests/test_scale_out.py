@@ -24,6 +24,14 @@ def link_of(report: Path) -> dict:
     return json.loads(report.read_text())["link"]
 
 
+def copy_into(url: str, source: OrthancServer, tmp_path: Path,
+              capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """The tool in-process from `source` to `url`, with a report (report.json)."""
+    return run(capsys, [source.url, url, "--username", USER, "--password", PASSWORD,
+                        "--save", str(tmp_path / "save"), "--report",
+                        str(tmp_path / "report.json")])
+
+
 @pytest.fixture
 def big_source(make_server: Callable[..., OrthancServer], tmp_path: Path) -> OrthancServer:
     """480 instances of 131 KB (63 MB) in 12 studies: batches of 4 MB."""
@@ -37,16 +45,13 @@ def test_uploads_grow_while_the_target_takes_more(big_source, target, tmp_path,
     """A target that serves each connection at 2 MB/s and all of them at 100 MB/s: the
     number of uploads at once grows past the start (4) since the rate grows with it."""
     proxy = CappedProxy(target.port, 2e6, 100e6)
-    report = tmp_path / "report.json"
     try:
-        code, out, err = run(capsys, [big_source.url, proxy.url, "--username", USER,
-                                      "--password", PASSWORD, "--save", str(tmp_path / "save"),
-                                      "--report", str(report)])
+        code, out, err = copy_into(proxy.url, big_source, tmp_path, capsys)
     finally:
         proxy.close()
     assert code == 0, err
     assert target.instances() == big_source.instances()
-    link = link_of(report)
+    link = link_of(tmp_path / "report.json")
     assert link["uploads_in_flight_max"] >= 8, link
     assert link["uploads_now"] >= 8, link
 
@@ -80,11 +85,8 @@ def test_a_target_that_refuses_above_a_number_gets_fewer(big_source, target, tmp
     proxy = CappedProxy(target.port, 2e6, 100e6)
     limiter = Nginx(tmp_path / "nginx", proxy.port, http=LIMIT_POSTS.format(),
                     server=f"limit_conn uploads {UPLOADS_ALLOWED};").start()
-    report = tmp_path / "report.json"
     try:
-        code, out, err = run(capsys, [big_source.url, limiter.url, "--username", USER,
-                                      "--password", PASSWORD, "--save", str(tmp_path / "save"),
-                                      "--report", str(report)])
+        code, out, err = copy_into(limiter.url, big_source, tmp_path, capsys)
     finally:
         limiter.stop()
         proxy.close()
@@ -92,7 +94,7 @@ def test_a_target_that_refuses_above_a_number_gets_fewer(big_source, target, tmp
     assert target.md5s() == big_source.md5s()
     refusals = (tmp_path / "nginx" / "error.log").read_text().count("limiting connections")
     assert refusals > 0  # the number did go past the limit, and the target said so
-    link = link_of(report)
+    link = link_of(tmp_path / "report.json")
     assert link["uploads_now"] <= UPLOADS_ALLOWED, link
     assert "503" in link["uploads_why"], link
 
@@ -137,10 +139,7 @@ def assert_mirrors(source: OrthancServer, node: OrthancServer) -> None:
 
 
 def test_a_copy_into_a_cluster_is_complete(big_source, cluster, tmp_path, capsys) -> None:
-    report = tmp_path / "report.json"
-    code, out, err = run(capsys, [big_source.url, cluster.url, "--username", USER,
-                                  "--password", PASSWORD, "--save", str(tmp_path / "save"),
-                                  "--report", str(report)])
+    code, out, err = copy_into(cluster.url, big_source, tmp_path, capsys)
     assert code == 0, err
     assert summary_value(out, "Copied:") == 480
     for node in cluster.nodes:
