@@ -4530,11 +4530,11 @@ def _setup_argparser() -> ArgumentParser:
     run.add_argument("--save", default="studies.list", metavar="FILE",
                      help="save file that records progress (default: studies.list)")
     run.add_argument("--threads", type=whole_number(1), default=None, metavar="N",
-                     help=f"uploads at once, fixed (default: {Config.threads} at first, then as "
-                          f"many as the target's measured rate rewards, up to {UPLOADS_MAX}); "
-                          "given, also the most file downloads in flight; without it, up to "
-                          f"{FAR_REQUESTS_MAX} downloads and {CHECKS_MAX} study checks are kept "
-                          "in flight as a distant link needs")
+                     help="uploads at once, fixed, and the most file downloads in flight; "
+                          f"without it, {Config.threads} uploads at first, then as many as the "
+                          f"target's measured rate rewards (up to {UPLOADS_MAX}), and up to "
+                          f"{FAR_REQUESTS_MAX} downloads and {CHECKS_MAX} study checks in "
+                          f"flight as a distant link needs (default: {Config.threads})")
     run.add_argument("--ignore-errors", action="store_true",
                      help="go on after a failed instance and list failures at the end "
                           "(default: stop at the first); a target that cannot write files "
