@@ -39,10 +39,11 @@ import tempfile
 import threading
 import time
 import zipfile
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -474,6 +475,27 @@ def run(corpora: list[str], repeat: int, scale: str, work: Path, cache: Path) ->
     return lines
 
 
+def sources_for(cases: list, prefix: str, scale: str, work: Path,
+                cache: Path) -> Iterator[tuple[tuple, OrthancServer]]:
+    """Each case with a source loaded with its corpus (the case's first field): cases of one
+    corpus follow each other, so each corpus is loaded once; each source goes when its cases
+    are done, or when the caller stops."""
+    source: Optional[OrthancServer] = None
+    loaded = ""
+    try:
+        for case in cases:
+            if case[0] != loaded:
+                if source is not None:
+                    discard(source)
+                source = OrthancServer(work / f"{prefix}-source-{case[0]}", "SOURCE").start()
+                loaded = case[0]
+                load(source, generate(case[0], scale, cache))
+            yield case, source
+    finally:
+        if source is not None:
+            discard(source)
+
+
 # ---- across a distant link ------------------------------------------------------------------
 WAN_RATE = 25e6  # bytes a second each way
 WAN_DEPTH = 4 * 1024 * 1024  # bytes a connection may have queued on a deep link
@@ -502,16 +524,8 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
              "| ---: | ---: |"]
     notes = []
-    source: Optional[OrthancServer] = None  # loaded with `loaded`; cases of a corpus follow
-    loaded = ""
-    try:
-        for corpus, side, rtt, rate, queue, timed_push in WAN_CASES:
-            if corpus != loaded:
-                if source is not None:
-                    discard(source)
-                source = OrthancServer(work / f"wan-source-{corpus}", "SOURCE").start()
-                loaded = corpus
-                load(source, generate(corpus, scale, cache))
+    with closing(sources_for(WAN_CASES, "wan", scale, work, cache)) as cases:
+        for (corpus, side, rtt, rate, queue, timed_push), source in cases:
             size = int(source.get("/statistics")["TotalUncompressedSize"])
             link_floor = size / rate
             depth = WAN_DEPTH if queue == "deep" else None
@@ -557,9 +571,6 @@ def wan(scale: str, work: Path, cache: Path, push_limit: float = WAN_PUSH_LIMIT)
                          f"{timing.seconds:.2f} s | {timing.seconds / link_floor:.2f} | "
                          f"{moved / size:.2f} | {rss / 1024:.0f} MB | "
                          f"{timing.client_cpu:.1f} s | {timing.target_cpu:.1f} s | {push_text} |")
-    finally:
-        if source is not None:
-            discard(source)
     return ["across a link (tests/linkproxy.py), default options; link bytes count both "
             "directions:", ""] + lines + [""] + notes
 
@@ -583,16 +594,8 @@ def capped(scale: str, work: Path, cache: Path, baseline: Optional[str],
     lines = ["| corpus | a connection | in all | floor | script | time | / floor | peak RSS | "
              "tool CPU | uploads at once (at most) | why |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    source: Optional[OrthancServer] = None
-    loaded = ""
-    try:
-        for corpus, per_connection, total in CAPPED_CASES:
-            if corpus != loaded:
-                if source is not None:
-                    discard(source)
-                source = OrthancServer(work / f"capped-source-{corpus}", "SOURCE").start()
-                loaded = corpus
-                load(source, generate(corpus, scale, cache))
+    with closing(sources_for(CAPPED_CASES, "capped", scale, work, cache)) as cases:
+        for (corpus, per_connection, total), source in cases:
             size = int(source.get("/statistics")["TotalUncompressedSize"])
             largest = max(path.stat().st_size for path in generate(corpus, scale, cache))
             cap_floor = max(size / total, largest / per_connection)
@@ -619,9 +622,6 @@ def capped(scale: str, work: Path, cache: Path, baseline: Optional[str],
                         f"({link.get('uploads_in_flight_max', '-')}) | "
                         f"{link.get('uploads_why', '-')} |")
                     print(lines[-1], file=sys.stderr, flush=True)
-    finally:
-        if source is not None:
-            discard(source)
     return ["a target larger than this machine (tests/linkproxy.py's CappedProxy), default "
             "options:", ""] + lines
 
