@@ -346,12 +346,41 @@ class StudyCheck:
         return len(self.missing) + self.present + self.vanished
 
 
-@dataclass
 class Seen:
-    """What the listings of a study named, kept where --check describes a difference."""
+    """What the listings of a study named, kept where --check describes a difference: the
+    answers as they came, read only for a study that differs (most do not, and reading
+    each instance of each into a map cost a check of a complete target 8% of its CPU).
+    Answers are read in the order given; an instance's series comes from the first that
+    names it, its SOPInstanceUID from the last that has one."""
 
-    instances: dict[str, tuple[str, str]] = field(default_factory=dict)  # ID -> (series, SOP UID)
-    series: dict[str, str] = field(default_factory=dict)  # series ID -> SeriesInstanceUID
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, str, list[dict]]] = []  # (kind, series ID, records)
+        self.instances: dict[str, tuple[str, str]] = {}  # ID -> (series ID, SOPInstanceUID)
+        self.series: dict[str, str] = {}  # series ID -> SeriesInstanceUID
+
+    def add_series(self, records: list[dict]) -> None:
+        """A study's expanded series: each series' UID and instance IDs."""
+        self.answers.append(("series", "", records))
+
+    def add_instances(self, records: list[dict], series: str = "") -> None:
+        """Expanded instances (of one series, if `series`): each one's SOPInstanceUID."""
+        self.answers.append(("instances", series, records))
+
+    def read(self) -> "Seen":
+        """The answers given so far, into the two maps."""
+        for kind, series, records in self.answers:
+            for record in records:
+                if kind == "series":
+                    self.series[record["ID"]] = record.get("MainDicomTags", {}).get(
+                        "SeriesInstanceUID", "")
+                    for instance in record["Instances"]:
+                        self.instances.setdefault(instance, (record["ID"], ""))
+                    continue
+                self.instances[record["ID"]] = (series or record.get("ParentSeries", ""),
+                                                record.get("MainDicomTags", {}).get(
+                                                    "SOPInstanceUID", ""))
+        self.answers.clear()
+        return self
 
     def series_of(self, instance: str) -> str:
         return self.instances.get(instance, ("", ""))[0]
@@ -1364,11 +1393,7 @@ def study_layout(server: OrthancClient, study: str,
     if series is None:
         return None
     if seen is not None:
-        for record in series:
-            seen.series[record["ID"]] = record.get("MainDicomTags", {}).get("SeriesInstanceUID",
-                                                                            "")
-            seen.instances.update((instance, (record["ID"], "")) for instance in
-                                  record["Instances"] if instance not in seen.instances)
+        seen.add_series(series)
     return {record["ID"]: record["Instances"] for record in series}
 
 
@@ -1409,8 +1434,7 @@ def check_study(source: OrthancClient, target: OrthancClient, study: str,
         return StudyCheck(study, gone=True)
     if records is not TOO_LARGE:
         if seen is not None:
-            seen.instances.update((record["ID"], (record.get("ParentSeries", ""), record.get(
-                "MainDicomTags", {}).get("SOPInstanceUID", ""))) for record in records)
+            seen.add_instances(records)
         return missing_instances(((record["ID"], int(record["FileSize"])) for record in records),
                                  present, study)
     layout = study_layout(source, study, seen)
@@ -1443,27 +1467,28 @@ def described_check(source: OrthancClient, target: OrthancClient, study: str, on
     tags = pool.submit(study_tags, source, study) if not on_target else None
     listed = pool.submit(study_layout, source, study, series) if uids and not on_target \
         else None
-    check = check_study(source, target, study, on_target, seen)
+    check = check_study(source, target, study, on_target, seen if uids else None)
     if check.gone or not (check.missing or check.extra):
         return check
     tags = tags or pool.submit(study_tags, source, study)
     if not uids:
         check.tags = tags.result()
         return check
+    seen.read()
     if listed is None and any(seen.series_of(instance.id) not in seen.series
                               for instance in check.missing):
         listed = pool.submit(study_layout, source, study, series)
 
     def target_series(series_id: str) -> None:
-        records = unless_missing(lambda: target.get(f"/series/{series_id}/instances")) or []
-        seen.instances.update((record["ID"], (series_id, record.get("MainDicomTags", {}).get(
-            "SOPInstanceUID", ""))) for record in records)
+        seen.add_instances(unless_missing(lambda: target.get(f"/series/{series_id}/instances"))
+                           or [], series_id)
     holding = {seen.series_of(instance) for instance in check.extra} - {""}
     for done in [pool.submit(target_series, series_id) for series_id in sorted(holding)]:
         done.result()
+    seen.read()
     if listed is not None:
         listed.result()
-        seen.series.update(series.series)
+        seen.series.update(series.read().series)
     check.tags = tags.result()
     check.uids = {instance: seen.uids(instance) for instance in itertools.chain(
         (instance.id for instance in check.missing), check.extra)}
@@ -1717,6 +1742,7 @@ DATED = "00010101-99991231"  # a StudyDate range that every date matches, and no
 # Studies a page of the expanded study listing holds: about 1 KB of answer, 3 KB parsed each.
 STUDY_PAGE = 500
 UNDATED = "undated"  # where the walk stands once it hands out the studies without a date
+NO_STUDY_DATE = "-"  # in the save file: the study has no StudyDate (see Journal)
 
 
 def study_when(record: Optional[dict]) -> tuple[str, str]:
@@ -1747,6 +1773,20 @@ def study_records(source: OrthancClient, count: int = 0) -> Iterator[dict]:
                 since += STUDY_PAGE
 
 
+def study_dates(source: OrthancClient, studies: Collection[str], archive: int,
+                threads: int) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(study, (StudyDate, StudyTime)) of each of `studies` the source has: each asked for on
+    its own (`threads` at a time) when they are few against the `archive`'s studies, else
+    from the expanded listing of all, keeping those asked for."""
+    if len(studies) * DETAIL_ONE_BY_ONE_RATIO <= archive:
+        def when(study: str) -> tuple[str, str]:
+            return study_when(unless_missing(lambda: source.get(f"/studies/{study}")))
+        return zip(studies, parallel_map(when, studies, threads))
+    wanted = studies if isinstance(studies, (set, dict)) else set(studies)
+    return ((record["ID"], study_when(record)) for record in study_records(source, archive)
+            if record["ID"] in wanted)
+
+
 class StudyOrder:
     """--order newest or oldest: the studies to look at by StudyDate (then StudyTime), newest
     or oldest first; then those without a date, and any the dated listings did not name
@@ -1763,37 +1803,38 @@ class StudyOrder:
         self.source, self.newest, self.threads = source, order == "newest", threads
         self.pending: dict[str, None] = {}  # the studies not handed out yet
         self.reached = ""  # the StudyDate of the last study handed out
+        self.dates: dict[str, str] = {}  # StudyDate of the studies handed out (see date_of)
 
     def arrange(self, studies: list[str], archive: Optional[int]) -> Iterator[str]:
         """`studies` in order; `archive`: how many studies the source holds (None: ask)."""
         self.pending = dict.fromkeys(studies)
         if archive is None:
             archive = int(self.source.get("/statistics")["CountStudies"])
-        if len(studies) * DETAIL_ONE_BY_ONE_RATIO <= archive:
-            dated = self.one_by_one(studies)
-        elif self.source.system.get("Capabilities", {}).get("HasExtendedFind"):
+        if len(studies) * DETAIL_ONE_BY_ONE_RATIO > archive and \
+                self.source.system.get("Capabilities", {}).get("HasExtendedFind"):
             dated = read_ahead(self.sorted_pages(), 2 * FIND_PAGE)
         else:
-            dated = self.sort(((study_when(record), record["ID"]) for record in
-                               study_records(self.source, archive)
-                               if record["ID"] in self.pending))
+            dated = self.sort((when, study) for study, when in study_dates(
+                self.source, self.pending, archive, self.threads))
         for study, date in dated:
             if study in self.pending:
                 del self.pending[study]
-                self.reached = date
+                self.reached = self.dates[study] = date
                 yield study
         self.reached = UNDATED
         yield from (study for study in studies if self.pending.pop(study, True) is None)
 
     def sort(self, found: Iterable[tuple[tuple[str, str], str]]) -> Iterator[tuple[str, str]]:
-        """(study, date) of the dated ones of ((date, time), study), in order."""
-        dated = sorted((entry for entry in found if entry[0][0]), reverse=self.newest)
+        """(study, date) of the dated ones of ((date, time), study), in order; those found
+        without a date are noted as such (NO_STUDY_DATE)."""
+        dated = []
+        for entry in found:
+            if entry[0][0]:
+                dated.append(entry)
+            else:
+                self.dates[entry[1]] = NO_STUDY_DATE
+        dated.sort(reverse=self.newest)
         return ((study, when[0]) for when, study in dated)
-
-    def one_by_one(self, studies: list[str]) -> Iterator[tuple[str, str]]:
-        def when(study: str) -> tuple[str, str]:
-            return study_when(unless_missing(lambda: self.source.get(f"/studies/{study}")))
-        return self.sort(zip(parallel_map(when, studies, self.threads), studies))
 
     def sorted_pages(self) -> Iterator[tuple[str, str]]:
         body = {"Level": "Study", "Query": {"StudyDate": DATED},
@@ -1808,6 +1849,10 @@ class StudyOrder:
                 return
             yield from ((record["ID"], study_when(record)[0]) for record in page)
             since += len(page)
+
+    def date_of(self, study: str) -> str:
+        """The StudyDate of a study handed out, once (for its line in the save file), or ""."""
+        return self.dates.pop(study, "")
 
     def describe(self) -> str:
         """Where the walk stands in the order: '2019-03', or 'undated'."""
@@ -1824,8 +1869,10 @@ class Journal:
     - `mark<TAB>SEQ<TAB>ID`: the source's change log stood at SEQ, a change naming ID, when a
       run began: every study recorded complete (and not taken back) after this line was
       complete at or after that moment, so only changes after SEQ can have added to it;
-    - `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time`: a study found complete on the target,
-      with the instances it holds there and the bytes this run sent of it;
+    - `study<TAB>ID<TAB>instances<TAB>bytes<TAB>time[<TAB>StudyDate]`: a study found complete
+      on the target, with the instances it holds there, the bytes this run sent of it and,
+      where the walk knew it (--order), its StudyDate (`-`: it has none), which --check's
+      table by year reads for the studies it takes on trust rather than asking the source;
     - `redo<TAB>ID`: a study recorded complete that has to be looked at again (instances
       arrived in it, or some failed); `reset`: every study recorded so far, likewise;
     - `meta<TAB>Level<TAB>ID`: a resource whose user metadata or attachments changed on the
@@ -1838,10 +1885,13 @@ class Journal:
     server decides what is copied; the journal only says which studies need no look.
     """
 
-    def __init__(self, path: Path, source_url: str, target_url: str) -> None:
+    def __init__(self, path: Path, source_url: str, target_url: str,
+                 dates: bool = False) -> None:
         self.path = path
         self.header = f"{SAVE_MAGIC}\tsource={source_url}\ttarget={target_url}"
         self.studies: dict[str, int] = {}  # complete studies -> instances they hold
+        # with `dates` (--check): the StudyDate the save file gives of studies
+        self.dates: Optional[dict[str, str]] = {} if dates else None
         self.known: set[str] = set()  # studies this tool copied (see the docstring)
         self.mark: Optional[tuple[int, str]] = None  # see the docstring
         self.position: Optional[int] = None  # the source's change log read up to here
@@ -1914,6 +1964,8 @@ class Journal:
                 if kind == "study" and len(values) >= 2:
                     self.studies[values[0]] = int(values[1])
                     self.known.add(values[0])
+                    if self.dates is not None and len(values) >= 5 and values[4]:
+                        self.dates[values[0]] = sys.intern(values[4])
                 elif kind == "gone" and len(values) == 1:
                     self.studies.pop(values[0], None)
                     self.known.discard(values[0])
@@ -1965,7 +2017,7 @@ class Journal:
     def share_keys(self, studies: Iterable[str]) -> None:
         """Key the complete studies by these equal strings (the source's listing) rather than
         by the save file's own copies, which are then freed."""
-        shared, known = {}, set()
+        shared, known, dates = {}, set(), {}
         for study in studies:
             count = self.studies.pop(study, None)
             if count is not None:
@@ -1973,9 +2025,14 @@ class Journal:
             if study in self.known:
                 known.add(study)
                 self.known.discard(study)
+            date = self.dates.pop(study, None) if self.dates else None
+            if date is not None:
+                dates[study] = date
         shared.update(self.studies)
         known.update(self.known)
         self.studies, self.known = shared, known
+        if self.dates is not None:
+            self.dates = dates  # those of studies the source no longer has are not asked for
 
     def begin(self, position: int, anchor: str, redo: Iterable[str], reset: bool) -> None:
         """Take back the studies that must be looked at again (all of them, with `reset`),
@@ -2000,14 +2057,15 @@ class Journal:
         for study in gone:
             del self.studies[study]
 
-    def studies_done(self, records: list[tuple[str, int, int]]) -> None:
+    def studies_done(self, records: list[tuple[str, int, int, str]]) -> None:
         """Record studies complete on the target: (study ID, instances it holds there, bytes
-        this run sent of it)."""
+        this run sent of it, its StudyDate or "" when not known)."""
         now = time.strftime('%Y-%m-%dT%H:%M:%S')
-        self._write([f"study\t{study}\t{instances}\t{size}\t{now}"
-                     for study, instances, size in records])
-        self.studies.update((study, instances) for study, instances, _ in records)
-        self.known.update(study for study, _, _ in records)
+        self._write([f"study\t{study}\t{instances}\t{size}\t{now}" + (f"\t{date}" if date
+                                                                         else "")
+                     for study, instances, size, date in records])
+        self.studies.update((study, instances) for study, instances, _, _ in records)
+        self.known.update(study for study, _, _, _ in records)
 
     def gone(self, studies: Iterable[str]) -> None:
         """Record studies that are no longer this tool's to mirror: removed from the target
@@ -3125,7 +3183,7 @@ class Walk:
             return
         if not check.missing or self.config.dry_run:
             if not self.config.dry_run:
-                self.journal.studies_done([(study, check.present, 0)])
+                self.journal.studies_done([(study, check.present, 0, self.date_of(study))])
             self.progress.advance(len(check.missing))
             return
         self.open_studies[study] = [len(check.missing), check.instances - check.vanished, 0,
@@ -3173,10 +3231,13 @@ class Walk:
             if state[0] == 0:
                 del open_studies[study]
                 if not state[3]:
-                    complete.append((study, state[1], state[2]))
+                    complete.append((study, state[1], state[2], self.date_of(study)))
         self.journal.studies_done(complete)
         self.progress.advance(len(result.stored) + len(result.already) + len(result.vanished)
                               + len(result.failed), self.progress_text)
+
+    def date_of(self, study: str) -> str:
+        return self.order.date_of(study) if self.order is not None else ""
 
     def progress_text(self) -> str:
         outcome, limiter = self.outcome, self.copier.limiter
@@ -3380,27 +3441,59 @@ def year_label(date: str) -> str:
         f"after {now + 1}" if year > now + 1 else str(year)
 
 
-def study_years(source: OrthancClient) -> dict[str, str]:
-    """Study ID -> the row of --check's table (year_label) of every study of the source: its
-    expanded listing, page by page (study_records says why not finds by date range)."""
-    return {record["ID"]: year_label(study_when(record)[0])
-            for record in study_records(source)}
-
-
 class YearTable:
     """--check: studies and instances by year of StudyDate on the source, on the target,
     missing from the target, only on the target, and the studies taken on trust: the table
     an administrator signs. A study counts in its year on the source (one only the target
-    has, in its year there); in the studies columns, each study concerned once."""
+    has, in its year there); in the studies columns, each study concerned once.
 
-    def __init__(self, years: "Future[dict[str, str]]") -> None:
-        self.years = years  # study -> row, being read while the walk begins
+    Where the save file gives a study's StudyDate (it does for studies an --order walk
+    copied), that is its year, whether the study is taken on trust or looked at again; the
+    others' years are read beside the walk (`look_up`), and studies counted before those
+    are known wait for them."""
+
+    def __init__(self, dates: Optional[dict[str, str]] = None) -> None:
+        self.dates = dates or {}  # study -> StudyDate, from the save file
+        self.years: Optional[Future[dict[str, str]]] = None  # study -> row, being read
+        self.waiting: list[tuple[str, tuple[int, int, int, int, bool]]] = []
         self.rows: dict[str, Counter[str]] = {}
+
+    def look_up(self, pool: ThreadPoolExecutor, source: OrthancClient, studies: list[str],
+                archive: Optional[int], threads: int) -> None:
+        """Read, on `pool`, the rows of the `studies` the save file gives no date of."""
+        studies = [study for study in studies if study not in self.dates]
+
+        def read() -> dict[str, str]:
+            if not studies:
+                return {}
+            count = archive if archive is not None else int(
+                source.get("/statistics")["CountStudies"])
+            return {study: year_label(when[0])
+                    for study, when in study_dates(source, studies, count, threads)}
+        self.years = pool.submit(read)
 
     def add(self, study: str, source: int, target: int, missing: int = 0, extra: int = 0,
             trusted: bool = False, row: Optional[str] = None) -> None:
-        counts = self.rows.setdefault(row or self.years.result().get(study, NO_DATE),
-                                      Counter())
+        counts = (source, target, missing, extra, trusted)
+        date = self.dates.get(study) if row is None else None
+        if row is not None or date is not None:
+            self.count(row or year_label(date or ""), *counts)
+        elif self.years is None or not self.years.done():
+            self.waiting.append((study, counts))
+        else:
+            self.settle()
+            self.count(self.years.result().get(study, NO_DATE), *counts)
+
+    def settle(self) -> None:
+        """Count the studies that waited for their years (which this waits for)."""
+        years = self.years.result() if self.years is not None else {}
+        waiting, self.waiting = self.waiting, []
+        for study, counts in waiting:
+            self.count(years.get(study, NO_DATE), *counts)
+
+    def count(self, row: str, source: int, target: int, missing: int, extra: int,
+              trusted: bool) -> None:
+        counts = self.rows.setdefault(row, Counter())
         for side, count in (("source", source), ("target", target), ("missing", missing),
                             ("extra", extra)):
             if count:
@@ -3410,6 +3503,7 @@ class YearTable:
 
     def records(self) -> list[dict]:
         """A record a row, years in order and NO_DATE last, then the total."""
+        self.settle()
         def place(row: str) -> tuple[int, str]:
             return ({"b": 0, "a": 2, "n": 3}.get(row[0], 1), row)
         rows = sorted(self.rows, key=place)
@@ -3578,8 +3672,7 @@ class Mirror:
         self.differences = Differences(context.config.csv) if context.config.check else None
         # --check: the table by year, whose years are read while the walk begins
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="years")
-        self.years = YearTable(self.reader.submit(study_years, context.source)) \
-            if context.config.check else None
+        self.years = YearTable(context.journal.dates) if context.config.check else None
         self.whole: list[str] = []
         self.extra: list[str] = []
         self.deletions_at = time.monotonic()  # --follow --delete: when the last look was
@@ -3621,6 +3714,13 @@ class Mirror:
         """A study the save file lets the walk skip: complete on the target."""
         if self.years is not None:
             self.years.add(study, instances, instances, trusted=True)
+
+    def walking(self, studies: list[str], archive: Optional[int]) -> None:
+        """The walk of `studies` begins: the years of those the save file gives no date of
+        are read beside it (--check)."""
+        if self.years is not None:
+            self.years.look_up(self.reader, self.context.source, studies, archive,
+                               self.context.config.threads)
 
     def finish(self) -> None:
         """After the walk: --check's studies only the target has, --delete's deletions."""
@@ -4117,8 +4217,8 @@ class Run:
         target = connect(config.target, config, self.stop)
         # before the save file is made
         warnings = preflight(source, target, config.metadata, writes=not config.check)
-        journal = Journal(config.save, config.source.url,
-                          config.target.url).open(read_only=config.dry_run)
+        journal = Journal(config.save, config.source.url, config.target.url,
+                          dates=config.check).open(read_only=config.dry_run)
         limiter = RateLimiter(config.bwlimit) if config.bwlimit else None
         if limiter is not None:
             source.hold = target.hold = limiter.hold
@@ -4228,6 +4328,9 @@ class Run:
                 self.mirror.trusted(study, journal.studies[study])
         for line in plan_lines(outcome, statistics):
             self.say(line)
+        if self.mirror is not None:
+            self.mirror.walking(studies, None if statistics is None else
+                                int(statistics["CountStudies"]))
         total = None if statistics is None else max(
             0, int(statistics["CountInstances"]) - outcome.skipped_instances)
         order = StudyOrder(context.source, self.config.order, self.config.threads) \

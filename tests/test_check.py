@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import replicate
 from dicomgen import make_instance, write_dicom
 from orthanc import OrthancServer
+from pydicom import dcmread
 from pydicom.uid import generate_uid
-from test_replicate import args, run
+from test_order import LOG_REQUESTS_LUA, requests_seen
+from test_replicate import args, lua, run
 
 # (StudyDate or None, instances): studies in three years, two on one day, one without a date
 STUDIES = [("20190105", 3), ("20190620", 2), ("20210311", 4), ("20210311", 1),
@@ -88,6 +91,11 @@ def test_the_table_by_year_and_the_uids_of_each_difference(make_server, tmp_path
     target.session.delete(f"{target.url}/instances/{lost}").raise_for_status()
     own = write_study(folder, 9, "20210704", 2)
     target.upload(own)
+    # and in a study both have, a series only the target has
+    alone = make_instance("Y02", dcmread(files[2][0]).StudyInstanceUID, generate_uid(), 1,
+                          study_date="20210311")
+    write_dicom(alone, folder / "alone.dcm")
+    target.upload([folder / "alone.dcm"])
     table, report = tmp_path / "check.csv", tmp_path / "report.json"
     code, out, err = run(capsys, args(source, target, tmp_path / "save", "--check", "--csv",
                                       str(table), "--report", str(report)))
@@ -95,7 +103,7 @@ def test_the_table_by_year_and_the_uids_of_each_difference(make_server, tmp_path
     by_year = table_of(tmp_path / "check-by-year.csv")
     assert by_year == expected_table(source, target)
     assert set(by_year) == {"2019", "2021", "2024", "no date"}
-    assert by_year["2021"]["extra_studies"] == 1 and by_year["2024"]["missing_studies"] == 1
+    assert by_year["2021"]["extra_studies"] == 2 and by_year["2024"]["missing_studies"] == 1
     assert "By year of StudyDate (studies / instances):" in out
     assert json.loads(report.read_text())["check"]["by_year"][-1]["year"] == "total"
     # each missing instance is named by its DICOM UIDs, as the source stores them
@@ -103,7 +111,9 @@ def test_the_table_by_year_and_the_uids_of_each_difference(make_server, tmp_path
     missing = [row for row in rows if row["difference"] == "missing"]
     assert {row["instance"] for row in missing} == \
         set(source.get("/instances")) - set(target.get("/instances"))
-    for row in missing + [row for row in rows if row["difference"] == "extra"]:
+    extra = [row for row in rows if row["difference"] == "extra"]
+    assert len(extra) == 1 and extra[0]["sop_instance_uid"] == alone.SOPInstanceUID
+    for row in missing + extra:
         server = source if row["difference"] == "missing" else target
         instance = server.get(f"/instances/{row['instance']}")
         series = server.get(f"/series/{instance['ParentSeries']}")
@@ -129,3 +139,38 @@ def test_the_table_counts_what_the_save_file_takes_on_trust(make_server, tmp_pat
         row["trusted_studies"] = row["source_studies"]
     assert by_year == expected
     assert sum(row["trusted_studies"] for row in by_year.values()) == len(STUDIES)
+
+
+def test_the_table_takes_the_years_of_trusted_studies_from_the_save_file(make_server, tmp_path,
+                                                                         capsys) -> None:
+    """A copy in date order writes each study's StudyDate in the save file: a check of the
+    complete target, with or without --recheck, then asks the source for no study's date.
+    A save file without dates (an older version's, or --order source's) has them read."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    source = make_server("SOURCE", LuaScripts=[lua(tmp_path, "requests", LOG_REQUESTS_LUA)])
+    target = make_server("TARGET")
+    source.upload(path for number, (date, count) in enumerate(STUDIES)
+                  for path in write_study(folder, number, date, count))
+    save, table = tmp_path / "save", tmp_path / "check.csv"
+    code, out, err = run(capsys, args(source, target, save))
+    assert code == 0, err
+    untrusted = expected_table(source, target)
+    expected = expected_table(source, target)
+    for row in expected.values():
+        row["trusted_studies"] = row["source_studies"]
+    undated = save.with_name("undated")
+    undated.write_text("".join("\t".join(line.split("\t")[:5]) + "\n"
+                               for line in save.read_text().splitlines()))
+    asked = []
+    for journal, options, rows in ((save, (), expected), (save, ("--recheck",), untrusted),
+                                   (undated, (), expected)):
+        before = len(requests_seen(source))
+        code, out, err = run(capsys, args(source, target, journal, "--check", "--csv",
+                                          str(table), *options))
+        assert code == 0, err
+        assert table_of(tmp_path / "check-by-year.csv") == rows
+        asked.append([request for request in requests_seen(source)[before:]
+                      if re.fullmatch(r"GET /studies(/[^/]+)?", request)])
+    assert asked[0] == asked[1] == ["GET /studies"], asked
+    assert len(asked[2]) > 1, asked

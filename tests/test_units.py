@@ -256,26 +256,31 @@ def test_client_errors_are_not_retried() -> None:
 def test_journal_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open()
-    journal.studies_done([("s1", 3, 300)])
-    journal.studies_done([("s2", 1, 10)])
+    journal.studies_done([("s1", 3, 300, "")])
+    journal.studies_done([("s2", 1, 10, "")])
     journal.close()
     first = path.read_text().splitlines()[0]
     assert first == "replicate.py save file 1\tsource=http://a:1\ttarget=http://b:2"
     again = Journal(path, "http://a:1", "http://b:2").open()
-    assert again.studies == {"s1": 3, "s2": 1}
+    assert again.studies == {"s1": 3, "s2": 1} and again.dates is None
+    again.studies_done([("s3", 2, 20, "20190105")])
     again.close()
+    assert path.read_text().splitlines()[-1].split("\t")[5] == "20190105"
+    # --check reads the dates the save file gives (none for lines written without one)
+    dated = Journal(path, "http://a:1", "http://b:2", dates=True).open(read_only=True)
+    assert dated.studies == {"s1": 3, "s2": 1, "s3": 2} and dated.dates == {"s3": "20190105"}
 
 
 def test_journal_drops_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open()
-    journal.studies_done([("s1", 3, 300)])
+    journal.studies_done([("s1", 3, 300, "")])
     journal.close()
     with open(path, "a") as file:
         file.write("study\ts2\t4")  # a crash in the middle of a line
     journal = Journal(path, "http://a:1", "http://b:2").open()
     assert journal.studies == {"s1": 3}
-    journal.studies_done([("s3", 2, 20)])
+    journal.studies_done([("s3", 2, 20, "")])
     journal.close()
     assert path.read_text().splitlines()[1:] == [
         line for line in path.read_text().splitlines()[1:] if line.startswith("study\ts")]
@@ -559,14 +564,14 @@ def test_journal_mark_redo_and_reset(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open()
     journal.begin(10, "c10", (), reset=False)
-    journal.studies_done([("s1", 3, 300), ("s2", 4, 0), ("s3", 1, 0)])
+    journal.studies_done([("s1", 3, 300, ""), ("s2", 4, 0, ""), ("s3", 1, 0, "")])
     journal.begin(20, "c20", ["s2", "unknown"], reset=False)  # instances arrived in s2
     journal.close()
     again = Journal(path, "http://a:1", "http://b:2").open()
     assert again.mark == (20, "c20")
     assert again.studies == {"s1": 3, "s3": 1}
     again.begin(25, "c25", (), reset=True)  # the source's log was cleared: look at everything
-    again.studies_done([("s3", 2, 0)])
+    again.studies_done([("s3", 2, 0, "")])
     again.close()
     lines = path.read_text().splitlines()
     assert lines.count("redo\ts2") == 1 and not any(line.endswith("unknown") for line in lines)
@@ -577,7 +582,7 @@ def test_journal_mark_redo_and_reset(tmp_path: Path) -> None:
 def test_read_only_journal_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a:1", "http://b:2").open(read_only=True)
-    journal.studies_done([("s1", 1, 1)])
+    journal.studies_done([("s1", 1, 1, "")])
     journal.close()
     assert not path.exists()
 
@@ -664,7 +669,7 @@ def test_lost_line_names_the_settings_or_someone_deleting() -> None:
 def test_journal_forgets_studies_the_target_lost(tmp_path: Path) -> None:
     path = tmp_path / "save"
     journal = Journal(path, "http://a", "http://b").open()
-    journal.studies_done([("kept", 3, 10), ("lost", 2, 10)])
+    journal.studies_done([("kept", 3, 10, ""), ("lost", 2, 10, "")])
     journal.forget(["lost", "never-recorded"])
     journal.close()
     assert Journal(path, "http://a", "http://b").open(read_only=True).studies == {"kept": 3}
@@ -886,12 +891,14 @@ def test_summary_lines_say_one_study_and_one_instance() -> None:
 
 def test_the_table_by_year_orders_its_rows_and_adds_them_up() -> None:
     from concurrent.futures import Future
-    years: Future = Future()
-    years.set_result({"a": "2019", "b": "before 1900", "c": "2021"})
-    table = replicate.YearTable(years)
-    table.add("a", 3, 2, missing=1)
+    table = replicate.YearTable()
+    table.years = Future()
+    table.add("a", 3, 2, missing=1)  # before the years are read: counted once they are
     table.add("c", 2, 2, trusted=True)
+    assert table.rows == {} and len(table.waiting) == 2
+    table.years.set_result({"a": "2019", "b": "before 1900", "c": "2021"})
     table.add("b", 1, 1)
+    assert not table.waiting
     table.add("d", 4, 0, missing=4)  # no date
     table.add("e", 0, 5, extra=5, row=replicate.year_label("20210101"))
     records = table.records()
