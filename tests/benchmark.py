@@ -676,9 +676,9 @@ CHECK_RTT = 0.080  # the source's round trip in the check's distant case
 
 def checks(scale: str, work: Path, cache: Path, baseline: Optional[str]) -> list[str]:
     """--check of the scale corpus against an empty target with the source next to the tool
-    and 80 ms away (25 MB/s, tests/linkproxy.py), then --check --recheck of a complete
-    target; each by this replicate.py and, next to the source, by `baseline` (another
-    version's replicate.py) if given."""
+    and 80 ms away (25 MB/s, tests/linkproxy.py), then of a complete target (copied by this
+    replicate.py), with --recheck and without; each by this replicate.py and, next to the
+    source, by `baseline` (another version's replicate.py) if given."""
     from linkproxy import LinkProxy
     source = OrthancServer(work / "check-source", "SOURCE").start()
     target = fresh_target(work, "check")
@@ -705,9 +705,10 @@ def checks(scale: str, work: Path, cache: Path, baseline: Optional[str]) -> list
         lines.append(f"| empty target, source {CHECK_RTT * 1000:.0f} ms away | {far} | - |")
         ours(source, target, save)
         check_copy(source, target, scale == "smoke")
-        lines.append(f"| complete target, --recheck, next to the tool | "
-                     f"{timed(SCRIPT, options=('--recheck',))} | "
-                     f"{timed(baseline, options=('--recheck',)) if baseline else '-'} |")
+        for options, case in ((("--recheck",), "--recheck"), ((), "the save file trusted")):
+            lines.append(f"| complete target, {case}, next to the tool | "
+                         f"{timed(SCRIPT, options=options)} | "
+                         f"{timed(baseline, options=options) if baseline else '-'} |")
     finally:
         discard(target)
         discard(source)
