@@ -494,8 +494,8 @@ def test_benchmark_wan_smoke(tmp_path) -> None:
 
 
 def test_benchmark_check_smoke(tmp_path) -> None:
-    """The benchmark's --check part at seconds scale: the three checks run and are printed."""
+    """The benchmark's --check part at seconds scale: the four checks run and are printed."""
     import benchmark
     lines = benchmark.checks("smoke", tmp_path / "work", tmp_path / "cache", None)
     rows = [line for line in lines if line.startswith("| ") and " s (CPU: tool" in line]
-    assert len(rows) == 3 and "80 ms away" in rows[1], lines
+    assert len(rows) == 4 and "80 ms away" in rows[1] and "trusted" in rows[3], lines
