@@ -1735,15 +1735,19 @@ def study_when(record: Optional[dict]) -> tuple[str, str]:
     return tags.get("StudyDate", ""), tags.get("StudyTime", "")
 
 
-def study_records(source: OrthancClient, count: int = 0) -> Iterator[dict]:
-    """Every study's record, with its main tags, from the source's expanded study listing,
+def study_records(source: OrthancClient,
+                  count: int = 0) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(ID, (StudyDate, StudyTime)) of every study, from the source's expanded study listing,
     page by page, two pages at a time up to `count` studies (what the source holds, as far
-    as known), then one after the other while pages come back full. Measured on Orthanc 1.10
-    (500 studies): 40 µs of the source's CPU a study, where one find by a StudyDate range
-    costs 8 ms, reading the whole index whatever it finds. Paging is unstable while the
-    source receives studies: one may be missed."""
-    def page(since: int) -> list[dict]:
-        return source.whole("GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}")
+    as known), then one after the other while pages come back full. Each page is cut down
+    to those as it arrives, so that at most two are held whole. Measured on Orthanc 1.10:
+    60 to 70 µs of the source's CPU a study (5,000 studies: 0.3 s, the same with one, two
+    or four pages at once), where one find by a StudyDate range costs 80 ms, reading the
+    whole index whatever it finds. Paging is unstable while the source receives studies:
+    one may be missed."""
+    def page(since: int) -> list[tuple[str, tuple[str, str]]]:
+        return [(record["ID"], study_when(record)) for record in source.whole(
+            "GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}")]
     with ThreadPoolExecutor(2, thread_name_prefix="listing") as pool:
         ahead, since = deque([pool.submit(page, 0)]), STUDY_PAGE
         while ahead:
@@ -1767,8 +1771,8 @@ def study_dates(source: OrthancClient, studies: Collection[str], archive: int,
             return study_when(unless_missing(lambda: source.get(f"/studies/{study}")))
         return zip(studies, parallel_map(when, studies, threads))
     wanted = studies if isinstance(studies, (set, dict)) else set(studies)
-    return ((record["ID"], study_when(record)) for record in study_records(source, archive)
-            if record["ID"] in wanted)
+    return ((study, when) for study, when in study_records(source, archive)
+            if study in wanted)
 
 
 class StudyOrder:
