@@ -2212,13 +2212,14 @@ class Pace:
 
 
 class Gate:
-    """A semaphore whose count may change while it is held."""
+    """A semaphore whose count may change while it is held, and that can be closed (halt)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
         self.held_max = 0
-        self.changed = threading.Condition()
+        self.halted = False  # no one enters; those waiting give up (Interrupted)
+        self.changed = threading.Condition()  # a re-entrant lock: subclasses hold it around
 
     def resize(self, limit: int) -> None:
         with self.changed:
@@ -2226,10 +2227,15 @@ class Gate:
                 self.limit = limit
                 self.changed.notify_all()
 
+    def halt(self, halted: bool = True) -> None:
+        with self.changed:
+            self.halted = halted
+            self.changed.notify_all()
+
     def enter(self, stop: threading.Event) -> None:
         with self.changed:
-            while self.held >= self.limit:
-                if stop.is_set():
+            while self.held >= self.limit or self.halted:
+                if stop.is_set() or self.halted:
                     raise Interrupted()
                 self.changed.wait(0.5)
             self.held += 1
@@ -2242,7 +2248,7 @@ class Gate:
 
 
 # ---- how many batches at once ---------------------------------------------------------------
-class UploadLimit:
+class UploadLimit(Gate):
     """How many uploads (POSTs to the target) are in flight at once, found by measurement as
     TCP finds its window. From the start (--threads, twice that to a distant target) the
     number doubles while the rate doubles with it; from the first step that does not pay,
@@ -2263,13 +2269,10 @@ class UploadLimit:
 
     def __init__(self, start: int, fixed: bool, ceiling: int = UPLOADS_MAX,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(start)  # held: uploads in flight; halted: the walk is stopping
         self.clock, self.fixed = clock, fixed
-        self.limit = start
         self.ceiling = start if fixed else max(start, ceiling)
         self.why = f"fixed by --threads {start}" if fixed else "measuring"
-        self.changed = threading.Condition()  # its lock guards everything here
-        self.running = 0  # uploads in flight now, and at most
-        self.running_max = 0
         self.doubling = True
         self.kept: Optional[tuple[int, float]] = None  # (number, rate) of the kept number
         self.next_try = 0.0  # when a step up may be tried, after one that did not pay
@@ -2277,7 +2280,6 @@ class UploadLimit:
         self.refused_when = 0.0
         self.epoch = 0  # windows begun
         self.changes = 0  # changes of the number
-        self.halted = False  # the walk is stopping: no upload begins (see halt)
         self.new_window(clock())
 
     def new_window(self, now: float) -> None:
@@ -2288,31 +2290,27 @@ class UploadLimit:
         self.work = 0.0
         self.ended = 0
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, held: int) -> None:
+        """The window's integral, `held` uploads in flight since the last tick."""
         if self.started is not None:
-            self.busy += self.running * (now - self.ticked)
+            self.busy += held * (now - self.ticked)
         self.ticked = now
 
-    def enter(self, stop: threading.Event) -> tuple[int, int, int]:
+    def enter(self, stop: threading.Event) -> tuple[int, int, int]:  # type: ignore[override]
         """Wait for room to upload; the upload's token (the window and the number it began
         in, the uploads in flight with it)."""
         with self.changed:
-            while self.running >= self.limit or self.halted:
-                if stop.is_set() or self.halted:
-                    raise Interrupted()
-                self.changed.wait(0.5)
-            self.tick(self.clock())
-            self.running += 1
-            self.running_max = max(self.running_max, self.running)
-            return self.epoch, self.changes, self.running
+            super().enter(stop)
+            self.tick(self.clock(), self.held - 1)
+            return self.epoch, self.changes, self.held
 
-    def leave(self, token: tuple[int, int, int], bytes_moved: int, instances: int) -> None:
+    def leave(self, token: tuple[int, int, int],  # type: ignore[override]
+              bytes_moved: int, instances: int) -> None:
         """An upload ended; what it carried (nothing if it failed)."""
         with self.changed:
             now = self.clock()
-            self.tick(now)
-            self.running -= 1
-            self.changed.notify()
+            self.tick(now, self.held)
+            super().leave()
             if self.fixed:
                 return
             if self.started is None:
@@ -2380,9 +2378,8 @@ class UploadLimit:
 
     def set_limit(self, number: int) -> None:
         if number != self.limit:
-            self.limit = number
             self.changes += 1
-            self.changed.notify_all()
+            self.resize(number)
 
     def step_up(self, now: float, why: str) -> None:
         number = self.limit
@@ -2401,13 +2398,6 @@ class UploadLimit:
         hold as many as may be in flight (sent and fetched ahead); 1 MB at least."""
         return max(CHUNK_SIZE, min(BATCH_MAX_BYTES,
                                    UPLOAD_MEMORY // (self.limit + self.spare)))
-
-    def halt(self, halted: bool = True) -> None:
-        """A walk that stops on a failure begins no more uploads: those waiting for room
-        give up (Interrupted) and their batches stay for a re-run. A new walk lifts it."""
-        with self.changed:
-            self.halted = halted
-            self.changed.notify_all()
 
     @property
     def copies_max(self) -> int:
@@ -3034,7 +3024,7 @@ class Walk:
         more = True
         checkers = ThreadPoolExecutor(self.check_pace.high, thread_name_prefix="check")
         uploads = self.copier.uploads  # how many at once
-        uploads.halt(False)
+        uploads.halt(False)  # what an earlier walk's failure closed
         senders = ThreadPoolExecutor(uploads.copies_max, thread_name_prefix="copy")
         # --check: the requests that describe a difference, a few for each check in flight
         self.describing = ThreadPoolExecutor(
@@ -3139,6 +3129,7 @@ class Walk:
         outcome = self.outcome
         if outcome.target_full or (outcome.failed and not self.config.ignore_errors):
             outcome.stopped_on_failure = True  # submit no more; what is in flight lands
+            # and batches fetched but waiting for room to upload stay for a re-run
             self.copier.uploads.halt()
         return outcome.stopped_on_failure or self.stop.is_set()
 
@@ -4437,7 +4428,7 @@ def link_report(copier: Copier, outcome: Outcome) -> dict:
             "target_latency_ms": milliseconds(copier.target.latency),
             "downloads_in_flight_max": copier.downloads_max,
             "uploads_now": copier.uploads.limit,
-            "uploads_in_flight_max": copier.uploads.running_max,
+            "uploads_in_flight_max": copier.uploads.held_max,
             "uploads_why": copier.uploads.why,
             "checks_in_flight_max": outcome.checks_max,
             "studies_in_flight_max": outcome.studies_max,
