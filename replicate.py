@@ -1319,50 +1319,69 @@ def parallel_map(function: Callable[[A], T], items: Iterable[A], threads: int) -
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def announcing(items: Iterable[T], began: Callable[[], None]) -> Iterator[T]:
-    """`items`, calling `began` as the first is taken."""
-    iterator = iter(items)
-    for item in iterator:
-        began()
-        yield item
-        yield from iterator
-
-
-def read_ahead(items: Iterable[T], size: int) -> Iterator[T]:
+class ReadAhead:
     """`items`, produced on a thread of their own up to `size` ahead of the reader, so that
-    the reader does not wait for the requests that produce them. An error in producing them
-    is raised to the reader; a reader that stops reading stops the thread."""
-    ahead: queue.Queue[tuple[bool, Any]] = queue.Queue(size)
-    quit = threading.Event()
+    the reader does not wait for the requests that produce them: iterated, it waits for each;
+    `take(wait=False)` does not, and `wake` is called once the next item is there after a
+    take that found none. An error in producing them is raised to the reader; `close` (or a
+    reader that stops iterating) stops the thread at its next item."""
 
-    def offer(entry: tuple[bool, Any]) -> bool:
-        while not quit.is_set():
-            try:
-                ahead.put(entry, timeout=0.5)
-                return True
-            except queue.Full:
-                pass
-        return False
+    END, NOT_YET = object(), object()
 
-    def produce() -> None:
+    def __init__(self, items: Iterable[Any], size: int,
+                 wake: Optional[Callable[[], None]] = None) -> None:
+        self.ahead: queue.Queue[tuple[bool, Any]] = queue.Queue(size)
+        self.quit = threading.Event()
+        self.wake, self.hungry, self.ended = wake, False, False
+        threading.Thread(target=self.produce, args=(items,), name="ahead", daemon=True).start()
+
+    def produce(self, items: Iterable[Any]) -> None:
         try:
             for item in items:
-                if not offer((True, item)):
+                if not self.offer((True, item)):
                     return
-            offer((False, None))
+            self.offer((False, None))
         except BaseException as error:  # noqa: B036 (raised to the reader)
-            offer((False, error))
-    threading.Thread(target=produce, name="ahead", daemon=True).start()
-    try:
-        while True:
-            more, item = ahead.get()
-            if not more:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        quit.set()
+            self.offer((False, error))
+
+    def offer(self, entry: tuple[bool, Any]) -> bool:
+        while not self.quit.is_set():
+            try:
+                self.ahead.put(entry, timeout=0.5)
+            except queue.Full:
+                continue
+            if self.hungry and self.wake is not None:
+                self.hungry = False
+                self.wake()
+            return True
+        return False
+
+    def take(self, wait: bool = True) -> Any:
+        """The next item, END after the last, or NOT_YET (not `wait`ing, none is there)."""
+        if self.ended:
+            return self.END
+        self.hungry = not wait  # before looking: an item put meanwhile wakes the reader
+        try:
+            more, item = self.ahead.get(block=wait)
+        except queue.Empty:
+            return self.NOT_YET
+        self.hungry = False
+        if not more:
+            self.ended = True
+            if item is not None:
+                raise item
+            return self.END
+        return item
+
+    def close(self) -> None:
+        self.quit.set()
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while (item := self.take()) is not self.END:
+                yield item
+        finally:
+            self.close()
 
 
 def study_layout(server: OrthancClient, study: str,
@@ -1726,6 +1745,7 @@ DATED = "00010101-99991231"  # a StudyDate range that every date matches, and no
 # Studies a page of the expanded study listing holds: about 1 KB of answer, 3 KB parsed each.
 STUDY_PAGE = 500
 UNDATED = "undated"  # where the walk stands once it hands out the studies without a date
+HEAD_LIMIT = 200  # studies the find of the first ones may return (see StudyOrder.head)
 NO_STUDY_DATE = "-"  # in the save file: the study has no StudyDate (see Journal)
 
 
@@ -1783,9 +1803,10 @@ class StudyOrder:
 
     A source that sorts its finds (Orthanc 1.12.5+, HasExtendedFind) is read page by page in
     that order, a page ahead of the walk. An older one's study listing is read with each
-    study's tags, page by page, and sorted: no find by date range, which costs an older
-    Orthanc a reading of its whole index each (see study_records). When the studies to look
-    at are few against the archive, each is asked for its own date instead."""
+    study's tags, page by page, and sorted, after the first few studies have gone out from
+    one find (see head): no more finds by date range, which cost an older Orthanc a reading
+    of its whole index each (see study_records). When the studies to look at are few against
+    the archive, each is asked for its own date instead."""
 
     def __init__(self, source: OrthancClient, order: str, threads: int) -> None:
         self.source, self.newest, self.threads = source, order == "newest", threads
@@ -1798,9 +1819,11 @@ class StudyOrder:
         self.pending = dict.fromkeys(studies)
         if archive is None:
             archive = int(self.source.get("/statistics")["CountStudies"])
-        if len(studies) * DETAIL_ONE_BY_ONE_RATIO > archive and \
-                self.source.system.get("Capabilities", {}).get("HasExtendedFind"):
-            dated = read_ahead(self.sorted_pages(), 2 * FIND_PAGE)
+        few = len(studies) * DETAIL_ONE_BY_ONE_RATIO <= archive
+        if not few and self.source.system.get("Capabilities", {}).get("HasExtendedFind"):
+            dated = iter(ReadAhead(self.sorted_pages(), 2 * FIND_PAGE))
+        elif not few and archive > STUDY_PAGE:
+            dated = self.listed(archive)
         else:
             dated = self.sort((when, study) for study, when in study_dates(
                 self.source, self.pending, archive, self.threads))
@@ -1823,6 +1846,41 @@ class StudyOrder:
                 self.dates[entry[1]] = NO_STUDY_DATE
         dated.sort(reverse=self.newest)
         return ((study, when[0]) for when, study in dated)
+
+    def listed(self, archive: int) -> Iterator[tuple[str, str]]:
+        """(study, date) in order: the head, then the sorted listing (the head's studies come
+        again in it, and are skipped as handed out)."""
+        yield from self.head(archive)
+        yield from self.sort((when, study) for study, when in study_records(self.source,
+                                                                          archive))
+
+    def head(self, archive: int) -> list[tuple[str, str]]:
+        """(study, date) of the studies that go first, in order, before the whole listing is
+        read: every study dated from the newest date on the listing's last page on (oldest
+        first: up to the oldest date on its first page), from one find of that StudyDate
+        range. A source's last arrivals hold its newest studies; in any order, a page of
+        STUDY_PAGE leaves about one study in STUDY_PAGE beyond its newest. Measured on Orthanc
+        1.10, 5,000 studies: the page and the find take 30 and 85 ms, against 0.3 s for the
+        whole listing (8 s projected at 125,000 studies, the find 2 s).
+
+        Empty (the listing alone decides) when the page holds no date, or when the find may
+        not have found them all: HEAD_LIMIT answers or more, or the cap of the source's finds
+        if this run has learnt it (see find_cap). A source that caps its finds at fewer than
+        HEAD_LIMIT - 1 studies (LimitFindResults) unknown to the run may have its first ones
+        out of order: never left out, since the listing hands out every study."""
+        since = max(0, archive - STUDY_PAGE) if self.newest else 0
+        page = self.source.whole("GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}")
+        dates = [date for date, _ in map(study_when, page) if date]
+        if not dates:
+            return []
+        edge = max(dates) if self.newest else min(dates)
+        found = self.source.whole("POST", "/tools/find", json={
+            "Level": "Study", "Query": {"StudyDate": f"{edge}-" if self.newest else f"-{edge}"},
+            "Expand": True, "Limit": HEAD_LIMIT})
+        cap = self.source.find_caps.get("Study")
+        if len(found) >= (HEAD_LIMIT if cap is None else min(HEAD_LIMIT, cap + 1)):
+            return []
+        return list(self.sort((study_when(record), record["ID"]) for record in found))
 
     def sorted_pages(self) -> Iterator[tuple[str, str]]:
         body = {"Level": "Study", "Query": {"StudyDate": DATED},
@@ -2992,13 +3050,15 @@ class Walk:
 
     def __init__(self, context: Context, progress: Progress,
                  observe: Optional[Callable[[str, StudyCheck], None]] = None,
-                 order: Optional[StudyOrder] = None) -> None:
+                 order: Optional[StudyOrder] = None,
+                 landed: Optional[Callable[[], None]] = None) -> None:
         self.config, self.copier, self.journal = context.config, context.copier, context.journal
         self.stop, self.outcome, self.progress = context.stop, context.outcome, progress
         self.order = order  # where the studies come from, for the progress (--order)
         self.describing: Optional[ThreadPoolExecutor] = None  # see run
         config, copier = self.config, self.copier
         self.observe = observe  # told each study's check (--delete, --check)
+        self.landed = landed  # called once the first batch has been answered
         self.batcher = Batcher(version_at_least(copier.target.version, (1, 8, 2)),
                                version_at_least(copier.source.version, (1, 8, 2)))
         self.ready: deque[Batch] = deque()
@@ -3020,7 +3080,11 @@ class Walk:
         """Check each study (`on_target`: whether the target has it at all, so that a study it
         lacks costs it no request) and copy what it lacks; with --dry-run, only count."""
         config, outcome = self.config, self.outcome
-        pending = iter(studies)
+        # Sorted studies come from the source's listing, read while the first ones travel:
+        # the loop takes them as they come, and does not wait for them while it has batches
+        # to start and transfers to collect.
+        pending = ReadAhead(studies, CHECKS_AHEAD, lambda: self.ended.put(None)) \
+            if self.order is not None else iter(studies)
         more = True
         checkers = ThreadPoolExecutor(self.check_pace.high, thread_name_prefix="check")
         uploads = self.copier.uploads  # how many at once
@@ -3077,16 +3141,18 @@ class Walk:
             for future in [future for future in self.transfers if future.done()]:
                 self.collect(future, self.transfers.pop(future))
         finally:
+            if isinstance(pending, ReadAhead):
+                pending.close()
             outcome.checks_max = max(outcome.checks_max, self.check_gate.held_max)
             checkers.shutdown(wait=False, cancel_futures=True)
             if self.describing is not None:
                 self.describing.shutdown(wait=False, cancel_futures=True)
             senders.shutdown(wait=False, cancel_futures=True)
 
-    def submit_checks(self, checkers: ThreadPoolExecutor, pending: Iterator[str],
+    def submit_checks(self, checkers: ThreadPoolExecutor, pending: Iterator[str] | ReadAhead,
                       on_target: Callable[[str], bool]) -> bool:
         """Start checking the next studies, as many as the pace allows and the batches waiting
-        leave room for. Whether any study is left."""
+        leave room for, and as have come. Whether any study is left."""
         source, target = self.copier.source, self.copier.target
         width = self.check_pace.width(max(source.latency, target.latency))
         if source.distant or target.distant:  # listings are light: look further ahead
@@ -3094,8 +3160,11 @@ class Walk:
         self.check_gate.resize(width)
         while (len(self.checks) < max(CHECKS_AHEAD, 2 * self.check_gate.limit)
                and self.ready_count + self.batcher.waiting < WAITING_MAX):
-            study = next(pending, None)
-            if study is None:
+            study = pending.take(wait=False) if isinstance(pending, ReadAhead) else \
+                next(pending, ReadAhead.END)
+            if study is ReadAhead.NOT_YET:
+                return True
+            if study is ReadAhead.END:
                 return False
             future = checkers.submit(self.check, study, on_target(study))
             future.add_done_callback(self.ended.put)
@@ -3182,6 +3251,9 @@ class Walk:
             log.debug("worker error", exc_info=True)
             result = BatchResult(batch, failed=[(instance, describe_error(error))
                                                 for instance in batch.instances])
+        if self.landed is not None:
+            self.landed()
+            self.landed = None
         open_studies = self.open_studies
         copied_bytes = 0
         for instance in result.stored:
@@ -4251,15 +4323,18 @@ class Run:
         read_log = resume(context, position, anchor)
         metadata: list[Future[ChangeLog]] = []
 
-        def begun() -> None:
-            """The walk has its first study: the log is read beside the transfers, not beside
-            the order's listing of the studies, which it slowed threefold (the first landing
-            of a newest-first copy of 5,000 studies 1.35 s, against 0.69 s after). A dry
-            run or a check syncs no metadata: it is not read."""
+        def landed() -> None:
+            """The first batch has landed: the log is read beside the transfers, not beside
+            the order's listing of the studies, which it slowed threefold, nor beside the
+            first study's requests. A newest-first copy of 5,000 studies, Orthanc 1.10: the
+            first instance landed 1.35 s after the start with the log read from the start,
+            0.59 to 0.67 s from the first study on, 0.46 to 0.56 s from the first landing on
+            (--order source: 0.35 to 0.49 s). A dry run or a check syncs no metadata: it is
+            not read."""
             if read_log is not None and not metadata and not config.dry_run:
                 metadata.append(background.submit(read_log))
-        self.walk(context, studies, statistics, on_target, begun)
-        begun()
+        self.walk(context, studies, statistics, on_target, landed)
+        landed()
         if outcome.interrupted:
             return
         if self.mirror is not None:
@@ -4300,9 +4375,9 @@ class Run:
         return studies, statistics, {study for study in studies if study in listed}
 
     def walk(self, context: Context, studies: list[str], statistics: Optional[dict],
-             on_target: set[str], begun: Callable[[], None]) -> None:
+             on_target: set[str], landed: Callable[[], None]) -> None:
         """Skip the studies the save file records complete and the target has; check the
-        others and copy what they lack. `begun` is called once the first is taken."""
+        others and copy what they lack. `landed` is called once the first batch landed."""
         journal, outcome = context.journal, self.outcome
         outcome.studies = len(studies)
         work = []  # the studies to look at, in the source's order
@@ -4329,10 +4404,10 @@ class Run:
         self.started = True
         self.progress.start(total, "checking" if self.config.dry_run else "copying")
         try:
-            Walk(context, self.progress, self.mirror and self.mirror.observe, order).run(
-                announcing(work if order is None else order.arrange(
-                    work, None if statistics is None else int(statistics["CountStudies"])),
-                    begun), on_target.__contains__)
+            Walk(context, self.progress, self.mirror and self.mirror.observe, order,
+                 landed).run(work if order is None else order.arrange(
+                     work, None if statistics is None else int(statistics["CountStudies"])),
+                             on_target.__contains__)
         finally:
             self.progress.finish()
             outcome.reached = order.reached if order is not None else ""

@@ -151,6 +151,38 @@ def test_sorted_finds_on_1_12_7_and_a_few_studies_one_by_one(new_orthanc, make_s
     assert len(fresh) == 3 and all(fresh) and fresh == sorted(fresh, reverse=True)
 
 
+def test_the_first_studies_go_before_the_whole_listing_is_read(make_server, dated_corpus,
+                                                              tmp_path, capsys,
+                                                              monkeypatch) -> None:
+    """A listing of several pages (10 studies each here): the studies dated from the newest
+    date of its last page on (oldest first: up to the oldest of its first page) are found
+    at once and checked while the rest is read; the order stays exact. When that find
+    answers HEAD_LIMIT studies or more, which may not be all of them, the listing alone
+    decides. Requests counted in the source's log (the log shows no query: all pages and the
+    first listing of IDs are `GET /studies`)."""
+    monkeypatch.setattr(replicate, "STUDY_PAGE", 10)
+    source = make_server("SOURCE", LuaScripts=[lua(tmp_path, "requests", LOG_REQUESTS_LUA)])
+    source.upload(dated_corpus)
+    dates = when(source)
+    for name, order, limit in (("newest", "newest", 200), ("oldest", "oldest", 200),
+                               ("cut", "newest", 2)):
+        monkeypatch.setattr(replicate, "HEAD_LIMIT", limit)
+        target, save = make_server(f"TARGET-{name}"), tmp_path / f"{name}.save"
+        before = len(requests_seen(source))
+        code, out, err = run(capsys, args(source, target, save, "--order", order,
+                                          "--threads", "1"))
+        assert code == 0, err
+        completion = completed(save, dates)
+        assert sorted(completion) == sorted(dates.values())
+        assert inversions(completion, newest=order == "newest") == [], name
+        seen = requests_seen(source)[before:]
+        pages = [number for number, request in enumerate(seen) if request == "GET /studies"]
+        checks = [number for number, request in enumerate(seen)
+                  if request.startswith("GET /studies/") and request.endswith("/instances")]
+        assert "POST /tools/find" in seen and len(pages) >= 1 + (STUDIES + UNDATED) // 10
+        assert (checks[0] < pages[-1]) == (name != "cut"), name
+
+
 def test_a_resumed_copy_keeps_the_order(make_server, tmp_path) -> None:
     """Interrupted (Ctrl-C) after some studies, then run again: what is left goes newest
     first too, and nothing is missing. Each study is one instance of 2 MB, streamed alone

@@ -911,3 +911,31 @@ def test_the_table_by_year_orders_its_rows_and_adds_them_up() -> None:
         "before 1900"
     assert table.lines()[1].split() == ["year", "source", "target", "missing", "only", "target",
                                         "on", "trust"]
+
+
+def test_read_ahead_hands_out_without_waiting_and_wakes_the_reader() -> None:
+    """The walk takes sorted studies as they come: `take(wait=False)` says NOT_YET instead
+    of waiting, and the producer wakes the reader once the next one is there; an error in
+    producing them reaches the reader."""
+    more, woken = threading.Event(), threading.Event()
+
+    def studies():
+        yield "a"
+        more.wait(10)
+        yield "b"
+    ahead = replicate.ReadAhead(studies(), 4, woken.set)
+    assert ahead.take() == "a"
+    assert ahead.take(wait=False) is replicate.ReadAhead.NOT_YET
+    assert not woken.is_set()
+    more.set()
+    assert woken.wait(10)
+    assert ahead.take(wait=False) == "b"
+    assert ahead.take() is replicate.ReadAhead.END
+    assert ahead.take(wait=False) is replicate.ReadAhead.END
+
+    def failing():
+        yield "c"
+        raise ValueError("listing failed")
+    assert next(iter(replicate.ReadAhead(failing(), 1))) == "c"
+    with pytest.raises(ValueError, match="listing failed"):
+        list(replicate.ReadAhead(failing(), 1))
