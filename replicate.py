@@ -1811,7 +1811,7 @@ class StudyOrder:
     def __init__(self, source: OrthancClient, order: str, threads: int) -> None:
         self.source, self.newest, self.threads = source, order == "newest", threads
         self.pending: dict[str, None] = {}  # the studies not handed out yet
-        self.reached = ""  # the StudyDate of the last study handed out
+        self.reached = ""  # the StudyDate of the last study the walk took (see took)
         self.dates: dict[str, str] = {}  # StudyDate of the studies handed out (see date_of)
 
     def arrange(self, studies: list[str], archive: Optional[int]) -> Iterator[str]:
@@ -1830,9 +1830,8 @@ class StudyOrder:
         for study, date in dated:
             if study in self.pending:
                 del self.pending[study]
-                self.reached = self.dates[study] = date
+                self.dates[study] = date
                 yield study
-        self.reached = UNDATED
         yield from (study for study in studies if self.pending.pop(study, True) is None)
 
     def sort(self, found: Iterable[tuple[tuple[str, str], str]]) -> Iterator[tuple[str, str]]:
@@ -1895,6 +1894,11 @@ class StudyOrder:
                 return
             yield from ((record["ID"], study_when(record)[0]) for record in page)
             since += len(page)
+
+    def took(self, study: str) -> None:
+        """The walk took `study`, handed out a few studies before (see Walk.run)."""
+        date = self.dates.get(study, NO_STUDY_DATE)
+        self.reached = UNDATED if date == NO_STUDY_DATE else date
 
     def date_of(self, study: str) -> str:
         """The StudyDate of a study handed out, once (for its line in the save file), or ""."""
@@ -3166,6 +3170,8 @@ class Walk:
                 return True
             if study is ReadAhead.END:
                 return False
+            if self.order is not None:
+                self.order.took(study)
             future = checkers.submit(self.check, study, on_target(study))
             future.add_done_callback(self.ended.put)
             self.checks[future] = study
@@ -3286,6 +3292,11 @@ class Walk:
         self.journal.studies_done(complete)
         self.progress.advance(len(result.stored) + len(result.already) + len(result.vanished)
                               + len(result.failed), self.progress_text)
+
+    def took(self, study: str) -> None:
+        """The walk took `study`, handed out a few studies before (see Walk.run)."""
+        date = self.dates.get(study, NO_STUDY_DATE)
+        self.reached = UNDATED if date == NO_STUDY_DATE else date
 
     def date_of(self, study: str) -> str:
         return self.order.date_of(study) if self.order is not None else ""

@@ -939,3 +939,15 @@ def test_read_ahead_hands_out_without_waiting_and_wakes_the_reader() -> None:
     assert next(iter(replicate.ReadAhead(failing(), 1))) == "c"
     with pytest.raises(ValueError, match="listing failed"):
         list(replicate.ReadAhead(failing(), 1))
+
+
+def test_the_order_says_where_the_walk_stands_not_what_was_read_ahead() -> None:
+    order = replicate.StudyOrder(None, "newest", 1)  # type: ignore[arg-type]
+    order.dates.update({"a": "20190304", "b": replicate.NO_STUDY_DATE, "ahead": "20010101"})
+    assert order.describe() == ""
+    order.took("a")
+    assert order.describe() == "2019-03"
+    order.took("b")
+    assert order.describe() == "undated"
+    order.took("arrived meanwhile")
+    assert order.describe() == "undated"
