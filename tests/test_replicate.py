@@ -472,8 +472,10 @@ def test_benchmark_smoke(tmp_path) -> None:
         if ", plain:" in line or ", --delete:" in line:
             assert 0 < int(asked.group(1)) <= 10 and 0 < int(asked.group(2)) <= 10, line
     assert sum("--check --recheck / --recheck:" in line for line in lines) == 2
-    assert sum("scale20k newest first (default) against --order source" in line
-               for line in lines) == 1
+    order = [line for line in lines
+             if "scale20k newest first (default) against --order source" in line]
+    assert len(order) == 1 and re.search(r"before and after it, [\d.]+ s, [\d.]+ s\)",
+                                         order[0]), order
 
 
 def test_benchmark_wan_smoke(tmp_path) -> None:

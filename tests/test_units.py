@@ -951,3 +951,17 @@ def test_the_order_says_where_the_walk_stands_not_what_was_read_ahead() -> None:
     assert order.describe() == "undated"
     order.took("arrived meanwhile")
     assert order.describe() == "undated"
+
+
+@pytest.mark.parametrize("order", ["newest", "oldest"])
+def test_the_order_sorts_by_date_then_time_as_the_tuples_would(order: str) -> None:
+    """The packed strings the order sorts give the order of ((date, time), study), dates
+    and times of any length included; studies without a date are noted, not sorted."""
+    found = [(("20190304", "101500"), "b"), (("20190304", "1015"), "a"),
+             (("2019030", "235959"), "c"), (("20190304", "101500"), "a"),
+             (("20240101", ""), "d"), (("", "120000"), "undated"), (("19991231", "9"), "e")]
+    sorter = replicate.StudyOrder(None, order, 1)  # type: ignore[arg-type]
+    expected = sorted((entry for entry in found if entry[0][0]), key=lambda entry: (
+        entry[0], entry[1]), reverse=order == "newest")
+    assert list(sorter.sort(found)) == [(study, when[0]) for when, study in expected]
+    assert sorter.dates == {"undated": replicate.NO_STUDY_DATE}
