@@ -3298,11 +3298,6 @@ class Walk:
         self.progress.advance(len(result.stored) + len(result.already) + len(result.vanished)
                               + len(result.failed), self.progress_text)
 
-    def took(self, study: str) -> None:
-        """The walk took `study`, handed out a few studies before (see Walk.run)."""
-        date = self.dates.get(study, NO_STUDY_DATE)
-        self.reached = UNDATED if date == NO_STUDY_DATE else date
-
     def date_of(self, study: str) -> str:
         return self.order.date_of(study) if self.order is not None else ""
 
