@@ -1755,6 +1755,13 @@ def study_when(record: Optional[dict]) -> tuple[str, str]:
     return tags.get("StudyDate", ""), tags.get("StudyTime", "")
 
 
+def study_page(source: OrthancClient, since: int) -> list[tuple[str, tuple[str, str]]]:
+    """(ID, (StudyDate, StudyTime)) of a page of the source's expanded study listing, cut down
+    to those as it arrives."""
+    return [(record["ID"], study_when(record)) for record in source.whole(
+        "GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}")]
+
+
 def study_records(source: OrthancClient,
                   count: int = 0) -> Iterator[tuple[str, tuple[str, str]]]:
     """(ID, (StudyDate, StudyTime)) of every study, from the source's expanded study listing,
@@ -1765,19 +1772,16 @@ def study_records(source: OrthancClient,
     or four pages at once), where one find by a StudyDate range costs 80 ms, reading the
     whole index whatever it finds. Paging is unstable while the source receives studies:
     one may be missed."""
-    def page(since: int) -> list[tuple[str, tuple[str, str]]]:
-        return [(record["ID"], study_when(record)) for record in source.whole(
-            "GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}")]
     with ThreadPoolExecutor(2, thread_name_prefix="listing") as pool:
-        ahead, since = deque([pool.submit(page, 0)]), STUDY_PAGE
+        ahead, since = deque([pool.submit(study_page, source, 0)]), STUDY_PAGE
         while ahead:
             while len(ahead) < 2 and since < count:
-                ahead.append(pool.submit(page, since))
+                ahead.append(pool.submit(study_page, source, since))
                 since += STUDY_PAGE
             records = ahead.popleft().result()
             yield from records
             if not ahead and len(records) == STUDY_PAGE:  # the source grew meanwhile
-                ahead.append(pool.submit(page, since))
+                ahead.append(pool.submit(study_page, source, since))
                 since += STUDY_PAGE
 
 
@@ -1873,8 +1877,7 @@ class StudyOrder:
         HEAD_LIMIT - 1 studies (LimitFindResults) unknown to the run may have its first ones
         out of order: never left out, since the listing hands out every study."""
         since = max(0, archive - STUDY_PAGE) if self.newest else 0
-        page = self.source.whole("GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}")
-        dates = [date for date, _ in map(study_when, page) if date]
+        dates = [when[0] for _, when in study_page(self.source, since) if when[0]]
         if not dates:
             return []
         edge = max(dates) if self.newest else min(dates)
