@@ -4,6 +4,8 @@ is also the TLS-terminating reverse proxy of the HTTPS tests."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import random
 import socket
 import ssl
@@ -141,3 +143,87 @@ def random_cuts(seed: int, low: int, high: int) -> Callable[[int], Fault]:
         return Fault(generator.choice(["cut_request", "cut_answer"]),
                      generator.randint(low, high))
     return plan
+
+
+Answer = tuple[int, str, bytes]  # status, Content-Type, body
+
+
+class AnswerProxy:
+    """An HTTP proxy in front of a real server that answers some requests itself, as a server
+    or a proxy that misbehaves would: `rule(method, path)` (path without its query) gives an
+    answer, or None to pass the request on. Each request passed on goes to the server on a
+    connection of its own; the client's connection is kept alive. `answered` lists what the
+    proxy answered itself, as (method, path, status)."""
+
+    def __init__(self, upstream_port: int,
+                 rule: Callable[[str, str], Optional[Answer]]) -> None:
+        self.upstream_port, self.rule = upstream_port, rule
+        self.answered: list[tuple[str, str, int]] = []
+        self.lock = threading.Lock()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswerHandler)
+        self.server.daemon_threads = True
+        self.server.proxy = self  # type: ignore[attr-defined]
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _AnswerHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *arguments: object) -> None:
+        pass
+
+    def body(self) -> Optional[bytes]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            data = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(data)
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else None
+
+    def answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def handle_request(self) -> None:
+        proxy: AnswerProxy = self.server.proxy  # type: ignore[attr-defined]
+        body = self.body()
+        path = self.path.split("?")[0]
+        own = proxy.rule(self.command, path)
+        if own is not None:
+            with proxy.lock:
+                proxy.answered.append((self.command, path, own[0]))
+            self.answer(own[0], [("Content-Type", own[1])], own[2])
+            return
+        upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=120)
+        skip = {"transfer-encoding", "connection", "content-length", "host"}
+        try:
+            upstream.request(self.command, self.path, body=body, headers={
+                name: value for name, value in self.headers.items() if name.lower() not in skip})
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        skip |= {"server", "date"}
+        self.answer(response.status, [(name, value) for name, value in response.getheaders()
+                                      if name.lower() not in skip], data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = handle_request  # noqa: N815

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -30,10 +32,44 @@ MARIADB_SERVER = "/usr/sbin/mariadbd"
 USER, PASSWORD = "user", "password"
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the system takes the local ports of outgoing connections from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+PORTS_FROM = 10000
+_handed: set[int] = set()
+_next = [0]
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port for a server of the tests: never one handed out before in this test run, free
+    when asked, and below the range of ephemeral ports, so that no outgoing connection (the
+    tool's, a server's) takes it between now and the server's start. Runs side by side begin
+    at places drawn from their process IDs."""
+    low, _ = ephemeral_ports()
+    span = max(1000, low - PORTS_FROM)
+    with _ports_lock:
+        if not _next[0]:
+            _next[0] = random.Random(os.getpid()).randrange(span)
+        for _ in range(span):
+            port = PORTS_FROM + _next[0] % span
+            _next[0] += 1
+            if port in _handed:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed.add(port)
+            return port
+    raise RuntimeError("no free port left below the ephemeral range")
 
 
 def listens(port: int) -> bool:
