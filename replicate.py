@@ -39,6 +39,7 @@ import contextlib
 import csv
 import ctypes
 import getpass
+import http.client
 import io
 import itertools
 import json
@@ -49,6 +50,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -96,7 +98,7 @@ BATCH_MAX_INSTANCES = 200
 BATCH_MAX_BYTES = 4 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 # An upload of this many bytes or more goes on a new connection, never a kept-alive one (see
-# OrthancClient.send): below it, a cut costs less than the handshake would.
+# OrthancClient.attempt): below it, a cut costs less than the handshake would.
 FRESH_UPLOAD = 64 * 1024
 GATHER_BYTES = 256 * 1024  # an archive next to its server is read in pieces of this much
 PACED_BLOCK = 64 * 1024
@@ -117,19 +119,13 @@ WAITING_MAX = 4 * BATCH_MAX_INSTANCES
 PACE_MARGIN = 2.0
 PACE_WINDOW = 0.5  # seconds of completions a rate is measured over, at least
 FAR_REQUESTS_MAX = 32
+HEADER_LOOK = 1.0  # seconds between looks at a --header file, for a renewed value
 PAUSE_LOOK = 0.5  # seconds between looks at the clock while --bwlimit pauses the run
 CONFIRM_EVERY = 60.0  # --follow: seconds at least between confirmations of the target's studies
-# 24 checks: a --check of 5,000 studies 80 ms away took 23 to 24 s (16: 31.5 s; 32: 116 to
-# 130 s, through the tests' Python link proxy, not understood), next to the source the same.
+# Checks in flight across a link at most (the quickest --check across one: tests/BENCHMARKS.md)
 CHECKS_MAX = 24
-# Uploads at once without --threads: found by measurement (see UploadLimit), at most
-# UPLOADS_MAX, since each holds up to a batch (BATCH_MAX_BYTES) while it is sent. A step up is
-# kept while the rate grows by UPLOAD_GROWTH; after one that did not pay, the next is tried
-# UPLOAD_HOLD seconds later. A 503 or 429 keeps the number below where it came for
-# REFUSED_MEMORY seconds. In the rate, an instance weighs INSTANCE_WORK bytes besides its own
-# (a server's cost of an instance, whatever its size); a window lasts UPLOAD_WINDOW at least.
-# The batches in flight (those sent and those fetched ahead) hold UPLOAD_MEMORY at most:
-# batches are cut smaller than BATCH_MAX_BYTES when many are in flight.
+# Uploads at once without --threads, found by measurement: see UploadLimit. In its rate, an
+# instance weighs INSTANCE_WORK bytes besides its own (a server's cost of any instance).
 UPLOADS_MAX = 16
 UPLOAD_MEMORY = 48 * 1024 * 1024
 UPLOAD_GROWTH = 1.1
@@ -137,9 +133,8 @@ UPLOAD_HOLD = 30.0
 REFUSED_MEMORY = 600.0
 INSTANCE_WORK = 64 * 1024
 UPLOAD_WINDOW = 1.0
-# A server whose quickest answer took longer than this is across a network: bundles from it
-# are then fetched as the archives it deflates, if a sample shows they shrink to at most
-# ARCHIVE_WORTH of the files (one bundle in ARCHIVE_SAMPLE_EVERY is sampled).
+# A server whose quickest answer took longer than this is across a network (see as_archive
+# and deflate_upload for what it changes).
 REMOTE_LATENCY = 0.004
 ARCHIVE_WORTH = 0.8
 UPLOAD_DEFLATE_LEVEL = 1  # zlib level of the uploads deflated for a distant target
@@ -164,17 +159,13 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 # Orthanc's error codes about a stored file, which no retry mends: InexistentFile,
 # FullStorage, CorruptedFile, RegularFileExpected (a missing file). Not FileStorageCannotWrite
-# (2001): Orthanc's file storage answers it when its check that a storage subfolder exists and
-# its creation of that folder race with another upload creating the same folder, which a
-# second try mends.
+# (2001): two uploads creating the same storage subfolder race to it, and a second try mends.
 LASTING_ORTHANC_ERRORS = frozenset([13, 19, 20, 2006])
-# The target's codes for "cannot write a file" (a full disk, most often): CannotWriteFile,
-# FullStorage, FileStorageCannotWrite (once retries did not mend it). Every instance after
-# would fail the same way.
+# The target's codes for "cannot write a file" (a full disk, most often), after which every
+# instance would fail: CannotWriteFile, FullStorage, FileStorageCannotWrite (after retries).
 TARGET_CANNOT_STORE = frozenset([14, 19, 2001])
 
-TOO_LARGE = object()  # what OrthancClient.get_small gives for an answer it did not read
-TOO_LARGE_ANSWER = "target answered HTTP 413"  # a proxy's body limit, in a failure's reason
+TOO_LARGE = object()  # what OrthancClient.request gives for an answer above its `limit`
 
 log = logging.getLogger("replicate")
 A = TypeVar("A")
@@ -182,6 +173,12 @@ T = TypeVar("T")
 
 
 # ---- errors ---------------------------------------------------------------------------------
+# What an error asks of the run (see classify): a retry; to be counted as the failure of the
+# one resource it concerns; a stop, since no request to that server can succeed (exit 3);
+# or a stop, since the tool met an answer it cannot understand or a defect of its own (exit 1).
+RETRY, RESOURCE, UNREACHABLE, DEFECT = "retry", "resource", "unreachable", "defect"
+
+
 class ReplicateError(Exception):
     """An error that ends the run with a one-line message and the given exit status."""
 
@@ -196,6 +193,10 @@ class ServerError(ReplicateError):
     exit_code = EXIT_SERVER
 
 
+class CredentialsRefused(ServerError):
+    """A server refused the credentials (HTTP 401 or 403 to GET /system)."""
+
+
 class TargetRefused(ReplicateError):
     """The target is configured to delete or refuse what it would be sent (exit 2: a setting
     to change before any copy, like a usage error)."""
@@ -207,13 +208,20 @@ class Interrupted(Exception):
     """Raised inside workers and waits once a stop was asked for."""
 
 
-class HttpStatusError(Exception):
-    """A server answered with an HTTP error status."""
+class RequestError(Exception):
+    """A request to one server that failed: which server, what was asked."""
+
+    def __init__(self, role: str, method: str, path: str, message: str) -> None:
+        self.role, self.method, self.path = role, method, path
+        super().__init__(message)
+
+
+class HttpStatusError(RequestError):
+    """A server answered with an HTTP error status; `orthanc_status` is Orthanc's own error
+    code when its answer gives one."""
 
     def __init__(self, role: str, method: str, path: str, status: int, body: str) -> None:
-        self.role, self.method, self.path, self.status = role, method, path, status
-        self.orthanc_status: Optional[int] = None  # Orthanc's own error code, when it says
-        detail = body
+        self.status, self.orthanc_status, detail = status, None, body
         try:
             answer = json.loads(body)
         except ValueError:
@@ -221,12 +229,31 @@ class HttpStatusError(Exception):
         if isinstance(answer, dict) and "OrthancStatus" in answer:
             self.orthanc_status = answer["OrthancStatus"]
             detail = str(answer.get("Details") or answer.get("Message") or "")
-        elif "<" in detail:  # a proxy's HTML page: its title, or its text
-            title = re.search(r"<title>(.*?)</title>", detail, re.IGNORECASE | re.DOTALL)
-            detail = title.group(1) if title else re.sub(r"<[^>]*>", " ", detail)
-        detail = " ".join(detail.split())[:200]
-        super().__init__(f"{role} answered HTTP {status} to {method} {path}"
-                         + (f" ({detail})" if detail else ""))
+        self.detail = page_text(detail)
+        super().__init__(role, method, path, f"{role} answered HTTP {status} to {method} {path}"
+                         + (f" ({self.detail})" if self.detail else ""))
+
+
+# TransportError kinds: how a request failed on the way, told by the exception's type
+REFUSED, UNKNOWN_HOST, RESET, CLOSED = ("connection refused", "unknown host name",
+                                        "connection reset", "remote end closed connection")
+TIMEOUT, CUT_SHORT, CONNECTION, TLS = ("timed out", "the answer was cut short",
+                                       "connection failed", "TLS failed")
+
+
+class TransportError(RequestError):
+    """A request that got no whole answer: `kind` says how (one of the kinds above)."""
+
+    def __init__(self, role: str, method: str, path: str, kind: str, detail: str = "") -> None:
+        self.kind = kind
+        super().__init__(role, method, path, kind + (f" ({detail})" if detail else ""))
+
+
+class UnexpectedAnswer(RequestError):
+    """An answer this tool cannot understand (not JSON, not the records asked for)."""
+
+    def __init__(self, role: str, method: str, path: str, came: str) -> None:
+        super().__init__(role, method, path, f"{role} answered {method} {path} with {came}")
 
 
 class GaveUp(Exception):
@@ -235,6 +262,20 @@ class GaveUp(Exception):
     def __init__(self, cause: BaseException, attempts: int, what: str = "") -> None:
         self.cause, self.attempts, self.what = cause, attempts, what
         super().__init__(f"{describe_error(cause)} after {attempts} attempts")
+
+
+class Defect(Exception):
+    """An error no request explains, met while doing `what`: named with the last answer the
+    thread read, so that a person can tell a server's odd answer from a bug of this tool."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        self.cause = cause
+        last = None if isinstance(cause, UnexpectedAnswer) else getattr(EXCHANGES, "last", None)
+        super().__init__(f"{what}: {describe_error(cause)}"
+                         + (f" (the last answer read: {last})" if last else ""))
+
+
+EXCHANGES = threading.local()  # .last: what the thread's last request asked and got
 
 
 # ---- small data classes ---------------------------------------------------------------------
@@ -247,8 +288,9 @@ class Endpoint:
     username: str
     password: str = field(repr=False)
     password_given: bool = True
-    # (name, value) sent with every request: a proxy's API key or token (--header)
-    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # (name, value) sent with every request: a proxy's API key or token (--header); a value
+    # read from a file is a HeaderFile
+    headers: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     cert: Any = None  # a client certificate: its file, or (certificate, key) files
 
     def with_password(self, password: str) -> "Endpoint":
@@ -361,19 +403,18 @@ class Seen:
         return self.series.get(series, ""), sop
 
 
+class Rejected(Exception):
+    """The target answered an upload without storing the instance (a Status other than
+    Success or AlreadyStored, or another ID: it changed what it received)."""
+
+
 @dataclass
 class BatchResult:
     batch: Batch
     stored: list[Instance] = field(default_factory=list)
     already: list[Instance] = field(default_factory=list)
-    failed: list[tuple[Instance, str]] = field(default_factory=list)
+    failed: list[tuple[Instance, BaseException]] = field(default_factory=list)
     vanished: list[Instance] = field(default_factory=list)
-    target_full: Optional[str] = None  # why the target could not store a file, if it said so
-
-    def fail(self, instance: Instance, error: BaseException) -> None:
-        self.failed.append((instance, str(error)))
-        if self.target_full is None and target_cannot_store(error):
-            self.target_full = str(error)
 
     def answered(self, instance: Instance, status: Optional[str]) -> None:
         """What the target's answer to an upload said of the instance."""
@@ -382,12 +423,11 @@ class BatchResult:
         elif status == "AlreadyStored":
             self.already.append(instance)
         else:
-            self.failed.append((instance, f"the target answered Status {status}"))
+            self.failed.append((instance, Rejected(f"the target answered Status {status}")))
 
     def add(self, other: "BatchResult") -> None:
         for name in ("stored", "already", "failed", "vanished"):
             getattr(self, name).extend(getattr(other, name))
-        self.target_full = self.target_full or other.target_full
 
 
 @dataclass
@@ -408,7 +448,7 @@ class Outcome:
     failed_studies: set[str] = field(default_factory=set)  # those of `failed` that are studies
     interrupted: bool = False
     stopped_on_failure: bool = False
-    target_full: Optional[str] = None  # why the run stopped for the target's storage
+    target_full: Optional[BaseException] = None  # why the run stopped for the target's storage
     verified: Optional[int] = None  # instances --verify compared, None without --verify
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
     verify_md5: bool = True  # False: the target transcodes, --verify looked for presence only
@@ -496,10 +536,10 @@ WEEK = 7 * 24 * 60  # minutes
 @dataclass(frozen=True)
 class Timetable:
     """--bwlimit: bytes per second by time of the week, as rclone writes it ("08:00,512K
-    19:00,off": 512 KB/s from 8 in the morning, no limit from 7 in the evening, every day;
-    "Mon-07:00,pause Mon-20:00,off": no request at all on Mondays by day), or one rate all
-    the time. `entries`: (minute of the week from Monday 00:00, rate: None for no limit,
-    PAUSE for a pause), in order; an entry without a day stands on every day."""
+    19:00,off": 512 KiB/s from 8 in the morning, no limit from 7 in the evening, every day;
+    "Mon-07:00,pause Mon-20:00,off": no request at all on Mondays by day), or one rate.
+    `entries`: (minute of the week from Monday 00:00, rate: None for no limit, PAUSE), in
+    order; an entry without a day stands on every day."""
 
     entries: tuple[tuple[int, Optional[float]], ...]
     text: str
@@ -579,8 +619,14 @@ def describe_minute(minute: int) -> str:
 
 
 def describe_rate(rate: Optional[float]) -> str:
-    return "no limit" if rate is None else "paused" if rate == PAUSE else \
-        f"{format_bytes(rate)}/s"
+    """A --bwlimit rate in the binary units it is written in: 10M is '10 MiB/s'."""
+    if rate is None or rate == PAUSE:
+        return "no limit" if rate is None else "paused"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if rate < 1024 or unit == "GiB":
+            return f"{rate:.3g} {unit}/s"
+        rate /= 1024
+    raise AssertionError("unreachable")
 
 
 def parse_query(items: list[str]) -> dict[str, str]:
@@ -686,33 +732,68 @@ HEADER_FORM = ('"Name: value", "Name: env:VARIABLE" (the value from the environm
                '"Name: @FILE" (the value in a file)')
 
 
-def parse_header(text: str, option: str, environ: dict) -> tuple[str, str]:
-    """One --header: `Name: value`, `Name: env:VARIABLE` or `Name: @FILE`, so that a token
-    need never be on the command line. Messages never show a value."""
+def parse_header(text: str, option: str, environ: dict) -> tuple[str, "str | HeaderFile"]:
+    """One --header: `Name: value`, `Name: env:VARIABLE` or `Name: @FILE` (a HeaderFile), so
+    that a token need never be on the command line. Messages never show a value."""
     name, colon, value = text.partition(":")
     name, value = name.strip(), value.strip()
     if not colon or not HEADER_NAME.fullmatch(name):
         raise UsageError(f"{option} takes {HEADER_FORM}; what was given is not shown")
+    if value.startswith("@"):
+        return name, HeaderFile(Path(value[1:]), option, name)
     if value.startswith("env:"):
         variable = value[4:]
         if variable not in environ:
             raise UsageError(f"{option} {name}: the environment variable {variable} is not set")
         value = environ[variable].strip()
-    elif value.startswith("@"):
-        try:
-            value = Path(value[1:]).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"{option} {name}: cannot read {value[1:]}: "
-                             f"{getattr(error, 'strerror', None) or 'not text'}") from None
     if not value or "\n" in value or "\r" in value:
         raise UsageError(f"{option} {name}: the value is empty or spans several lines")
     return name, value
 
 
+class HeaderFile:
+    """A --header value read from a file (`Name: @FILE`), read again when the file changes (a
+    token that a sidecar renews every hour, in a run of days), looked at every HEADER_LOOK
+    seconds at most. A file that cannot be read, or reads empty, leaves the last value."""
+
+    def __init__(self, path: Path, option: str, name: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path, self.what, self.clock = path, f"{option} {name}", clock
+        self.lock, self.looked = threading.Lock(), clock()
+        try:
+            self.stamp, self.value = self.read()
+        except ValueError as problem:
+            raise UsageError(f"{self.what}: {problem}") from None
+
+    def read(self) -> tuple[tuple[int, int, int], str]:
+        try:
+            state = os.stat(self.path)
+            value = self.path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read {self.path}: "
+                             f"{getattr(error, 'strerror', None) or 'not text'}") from None
+        if not value or "\n" in value or "\r" in value:
+            raise ValueError("the value is empty or spans several lines")
+        return (state.st_mtime_ns, state.st_size, state.st_ino), value
+
+    def current(self) -> str:
+        with self.lock:
+            if self.clock() - self.looked >= HEADER_LOOK:
+                self.looked = self.clock()
+                try:
+                    state = os.stat(self.path)
+                    if (state.st_mtime_ns, state.st_size, state.st_ino) != self.stamp:
+                        self.stamp, self.value = self.read()
+                        log.info("%s: read again from %s", self.what, self.path)
+                except (OSError, ValueError) as problem:
+                    log.debug("%s: %s; the last value stays", self.what, problem)
+            return self.value
+
+
 def pick_headers(shared: list[str], own: list[str], role: str,
-                 environ: dict) -> tuple[tuple[str, str], ...]:
+                 environ: dict) -> tuple[tuple[str, "str | HeaderFile"], ...]:
     """--header for both servers, then --ROLE-header, which wins for the same name."""
-    chosen: dict[str, tuple[str, str]] = {}
+    chosen: dict[str, tuple[str, Any]] = {}
     for option, texts in (("--header", shared), (f"--{role}-header", own)):
         for text in texts:
             name, value = parse_header(text, option, environ)
@@ -827,20 +908,29 @@ def version_at_least(version: str, wanted: tuple[int, int, int]) -> bool:
     return numbers >= wanted
 
 
-def is_retryable(error: BaseException) -> bool:
-    """The one place that decides: connection trouble, timeouts, 408, 429 and 5xx are retried;
-    TLS failures (a certificate is not trusted) and Orthanc's errors about a stored file
-    (missing, corrupted, storage full) are not: waiting does not bring a file back."""
+def classify(error: BaseException) -> str:
+    """The one place that decides what an error asks of the run. Connection trouble, timeouts,
+    408, 429 and 5xx are worth a retry (RETRY), but Orthanc's errors about a stored file
+    (missing, corrupted, storage full): waiting does not bring a file back. Those, the other
+    HTTP errors, refused uploads and retries that ran out are the failure of one resource
+    (RESOURCE). A TLS failure (a certificate not trusted) fails every request to its server
+    (UNREACHABLE). Anything else is an answer not understood or a bug (DEFECT)."""
+    if isinstance(error, GaveUp):
+        return RESOURCE
+    if isinstance(error, TransportError):
+        return UNREACHABLE if error.kind == TLS else RETRY
     if isinstance(error, HttpStatusError):
         if error.orthanc_status in LASTING_ORTHANC_ERRORS:
-            return False
-        return error.status in (408, 429) or error.status >= 500
-    if isinstance(error, requests.exceptions.SSLError):
-        return False
-    return isinstance(error, (requests.ConnectionError, requests.Timeout,
-                              requests.exceptions.ChunkedEncodingError,
-                              requests.exceptions.ContentDecodingError, ConnectionError,
-                              TimeoutError, TruncatedDownload))
+            return RESOURCE
+        return RETRY if error.status in (408, 429) or error.status >= 500 else RESOURCE
+    return RESOURCE if isinstance(error, Rejected) else DEFECT
+
+
+def stops_run(error: BaseException) -> bool:
+    """Whether an error that reached the walk ends the run rather than one resource: a server
+    no request can reach, an answer not understood, a defect, or an error that ends the run
+    anyway (a save file that cannot be written)."""
+    return classify(error) in (UNREACHABLE, DEFECT)
 
 
 def target_cannot_store(error: BaseException) -> bool:
@@ -855,30 +945,57 @@ def target_cannot_store(error: BaseException) -> bool:
 
 def describe_error(error: BaseException) -> str:
     """A short reason without URLs (which could carry credentials) or tracebacks."""
-    if isinstance(error, (HttpStatusError, GaveUp, TruncatedDownload, ReplicateError)):
+    if isinstance(error, (RequestError, GaveUp, Defect, Rejected, ReplicateError)):
         return str(error)
-    if isinstance(error, requests.Timeout):
-        return "timed out"
-    if isinstance(error, requests.ConnectionError):
-        text = str(error)
-        if "NameResolutionError" in text or "Failed to resolve" in text:
-            return "unknown host name"
-        for known in ("Connection refused", "Connection reset", "Name or service not known",
-                      "Remote end closed connection", "certificate verify failed",
-                      "No route to host", "Temporary failure in name resolution"):
-            if known in text:
-                return known.lower()
-        return "connection failed"
     return f"{type(error).__name__}: {error}"
 
 
-class TruncatedDownload(Exception):
-    """An answer ended before its announced length, or was cut inside its headers."""
+# What a TLS failure's reason code (ssl.SSLError.reason, OpenSSL's) means to a person
+REFUSED_CERTIFICATE = "the server refused the client certificate"
+TLS_REASONS = {"CERTIFICATE_VERIFY_FAILED": "certificate verify failed",
+               "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server wants a client certificate; "
+                                                    "see --client-cert",
+               "SSLV3_ALERT_BAD_CERTIFICATE": REFUSED_CERTIFICATE,
+               "TLSV1_ALERT_UNKNOWN_CA": REFUSED_CERTIFICATE,
+               "WRONG_VERSION_NUMBER": "the server does not speak TLS on that port"}
+
+
+def transport_kind(error: BaseException) -> tuple[str, str]:
+    """(kind, detail) of a request that failed on the way, read from the types of urllib3's
+    exception and of the causes it chains, never from their words."""
+    chain: list[BaseException] = []
+    cause: Optional[BaseException] = error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    failed = [cause for cause in chain if isinstance(cause, ssl.SSLError)]
+    if failed or any(isinstance(cause, urllib3.exceptions.SSLError) for cause in chain):
+        reason = getattr(failed[0], "reason", None) if failed else None
+        return TLS, TLS_REASONS.get(reason or "", "handshake failed")
+    kinds = ((socket.gaierror, UNKNOWN_HOST), (ConnectionRefusedError, REFUSED),
+             (http.client.RemoteDisconnected, CLOSED), (ConnectionError, RESET),
+             ((TimeoutError, socket.timeout, urllib3.exceptions.TimeoutError), TIMEOUT),
+             ((http.client.IncompleteRead, urllib3.exceptions.IncompleteRead,
+               urllib3.exceptions.ProtocolError), CUT_SHORT))
+    for types, kind in kinds:  # the most telling kind, wherever in the chain
+        if any(isinstance(cause, types) for cause in chain):
+            return kind, ""
+    return CONNECTION, ""
+
+
+def page_text(text: str) -> str:
+    """What a person reads of an answer's body, on one line: a proxy's HTML page is its title,
+    or its text."""
+    if "<" in text:
+        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        text = title.group(1) if title else re.sub(r"<[^>]*>", " ", text)
+    return " ".join(text.split())[:200]
 
 
 def framing(response: Any) -> str:
     """How an answer says where it ends: "length", "chunked", "close" (Orthanc's archives end
-    by closing the connection), or "" for none of them."""
+    by closing the connection), or "" for none of them (cut inside its headers: http.client
+    would take an empty body for it)."""
     headers = response.headers
     if "Content-Length" in headers:
         return "length"
@@ -887,20 +1004,10 @@ def framing(response: Any) -> str:
     return "close" if headers.get("Connection", "").lower() == "close" else ""
 
 
-def require_framing(response: Any) -> None:
-    """An answer framed by none of Orthanc's ways was cut inside its headers, and http.client
-    would take an empty body for it."""
-    if not framing(response):
-        discard(response)
-        raise TruncatedDownload("an answer was cut inside its headers")
-
-
 def discard(response: Any) -> None:
     """Give up an answer: its connection is closed, and goes back to its pool to be made anew."""
     response.close()
-    release = getattr(response, "release_conn", None)
-    if release is not None:
-        release()
+    response.release_conn()
 
 
 def gather(response: urllib3.HTTPResponse, size: int) -> None:
@@ -917,37 +1024,6 @@ def gather(response: urllib3.HTTPResponse, size: int) -> None:
         pass
 
 
-def read_whole(response: urllib3.HTTPResponse, method: str, path: str) -> bytes:
-    """The rest of an answer, kept in it (`.data`). One cut short is given up and raises
-    TruncatedDownload, which is retried."""
-    try:
-        return response.read(cache_content=True)
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        discard(response)
-        raise TruncatedDownload(f"the answer to {method} {path.split('?')[0]} was cut short"
-                                ) from error
-
-
-def transport_error(error: BaseException) -> BaseException:
-    """urllib3's exception for a request that failed on the way (see OrthancClient.send) as
-    the requests exception that requests' own adapter raises for it, which the rest of this
-    tool knows (is_retryable, describe_error)."""
-    if isinstance(error, urllib3.exceptions.SSLError):
-        return requests.exceptions.SSLError(error)
-    if isinstance(error, urllib3.exceptions.NewConnectionError):
-        return requests.ConnectionError(error)
-    if isinstance(error, urllib3.exceptions.ConnectTimeoutError):
-        return requests.ConnectTimeout(error)
-    if isinstance(error, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-        return requests.ReadTimeout(error)
-    return requests.ConnectionError(error)
-
-
-def json_body(value: Any) -> bytes:
-    """A JSON request body (OrthancClient.send's own `json` parameter hides the module)."""
-    return json.dumps(value).encode("utf-8")
-
-
 def unless_missing(action: Callable[[], T]) -> Optional[T]:
     """The action's result, or None when the server answered 404 (the resource is not there)."""
     try:
@@ -959,8 +1035,10 @@ def unless_missing(action: Callable[[], T]) -> Optional[T]:
 
 
 def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
-                      stop: threading.Event) -> T:
-    """Run `action`, retrying retryable errors with backoff; GaveUp chains the last cause."""
+                      stop: threading.Event,
+                      worth: Optional[Callable[[BaseException], bool]] = None) -> T:
+    """Run `action`, retrying with backoff the errors `worth` a retry (default: those classify
+    calls so); GaveUp chains the last cause."""
     attempt = 1
     while True:
         if stop.is_set():
@@ -970,34 +1048,62 @@ def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
         except Interrupted:
             raise
         except Exception as error:
-            if not is_retryable(error):
+            if not (worth(error) if worth is not None else classify(error) == RETRY):
                 raise
             if attempt > policy.retries:
                 raise GaveUp(error, attempt, what) from error
-            reason = describe_error(error)
             # A kept-alive connection the server had closed: at once, on a new one.
-            delay = 0.0 if attempt == 1 and reason == "remote end closed connection" \
-                else policy.delay(attempt)
-            log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what, reason, attempt,
-                      policy.retries + 1, delay)
+            closed = isinstance(error, TransportError) and error.kind == CLOSED
+            delay = 0.0 if attempt == 1 and closed else policy.delay(attempt)
+            log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what,
+                      describe_error(error), attempt, policy.retries + 1, delay)
             if stop.wait(delay):
                 raise Interrupted() from None
             attempt += 1
 
 
+def guarded(what: str, action: Callable[[], T]) -> T:
+    """`action`, with a defect (see classify) raised as a Defect that names `what`."""
+    try:
+        return action()
+    except Exception as error:
+        if classify(error) != DEFECT or isinstance(error, (Defect, Interrupted,
+                                                           ReplicateError)):
+            raise
+        raise Defect(what, error) from error
+
+
 # ---- the Orthanc client ---------------------------------------------------------------------
-class BlockAdapter(requests.adapters.HTTPAdapter):
-    """Sends request bodies in blocks of CHUNK_SIZE rather than http.client's 16 KiB default:
-    a 200 MB upload then takes 200 reads and writes instead of 12,800."""
+class Transport(requests.adapters.HTTPAdapter):
+    """requests' adapter for one server and one thread, through whose urllib3 connection pool
+    the client sends every request itself (see OrthancClient.attempt): requests' pools and
+    TLS settings, without the objects it builds around each request and answer. Bodies go in
+    blocks of CHUNK_SIZE, not http.client's 16 KiB."""
+
+    def __init__(self, url: str, tls_verify: Any, cert: Any) -> None:
+        self.url, self.tls_verify, self.cert = url, tls_verify, cert
+        self.current: Optional[urllib3.HTTPConnectionPool] = None
+        super().__init__(pool_connections=1, pool_maxsize=2)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["blocksize"] = CHUNK_SIZE
         super().init_poolmanager(*args, **kwargs)
 
+    def pool(self) -> urllib3.HTTPConnectionPool:
+        if self.current is None:
+            self.current = self.poolmanager.connection_from_url(self.url)
+            self.cert_verify(self.current, self.url, self.tls_verify, self.cert)
+        return self.current
+
+    def renew(self) -> None:
+        """Close the idle kept-alive connections, so that the next request opens a new one."""
+        self.poolmanager.clear()
+        self.current = None
+
 
 class OrthancClient:
-    """One server. Each thread gets its own keep-alive requests session; requests themselves
-    go to that session's urllib3 connection pool (see send)."""
+    """One server. `request` is the one way to ask it anything; each thread sends through a
+    Transport of its own (its own kept-alive connections)."""
 
     def __init__(self, endpoint: Endpoint, policy: RetryPolicy, stop: threading.Event,
                  tls_verify: Any = True) -> None:
@@ -1007,8 +1113,8 @@ class OrthancClient:
         self.policy = policy
         self.stop = stop
         self.system: dict = {}
-        # The headers of every request (see send), the credentials encoded by requests. Orthanc
-        # 1.10 deflates every answer when asked to, which is slower than the network: identity.
+        # The headers of every request, the credentials encoded by requests. Orthanc 1.10
+        # deflates every answer when asked to, which is slower than the network: identity.
         template = requests.PreparedRequest()
         template.headers = requests.structures.CaseInsensitiveDict({
             "User-Agent": f"replicate.py/{__version__}", "Accept-Encoding": "identity",
@@ -1016,11 +1122,14 @@ class OrthancClient:
         requests.auth.HTTPBasicAuth(endpoint.username, endpoint.password)(template)
         # A proxy's own headers (--header) go with every request and replace the tool's of
         # the same name, whatever its case: an Authorization header replaces the basic
-        # credentials.
+        # credentials. A value from a file is read again when the file changes.
         given = {name.lower() for name, _ in endpoint.headers}
         self.headers = {name: value for name, value in template.headers.items()
                         if name.lower() not in given}
-        self.headers.update(endpoint.headers)
+        self.headers.update((name, value) for name, value in endpoint.headers
+                            if isinstance(value, str))
+        self.files = [(name, value) for name, value in endpoint.headers
+                      if isinstance(value, HeaderFile)]
         self.prefix = urllib.parse.urlsplit(endpoint.url).path.rstrip("/")
         self.timeout = urllib3.Timeout(connect=min(10.0, policy.timeout), read=policy.timeout)
         self.find_caps: dict[str, Optional[int]] = {}  # level -> what its finds return at most
@@ -1031,50 +1140,17 @@ class OrthancClient:
         # --bwlimit's pauses: called before each request, waits while the timetable pauses
         self.hold: Optional[Callable[[threading.Event], None]] = None
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._transports: list[Transport] = []
         self._lock = threading.Lock()
 
-    def session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers.update(self.headers)  # send's: the credentials, --header
-            session.cert = self.endpoint.cert
-            session.trust_env = False
-            session.verify = self.tls_verify
-            adapter = BlockAdapter(pool_maxsize=2)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._local.session = session
+    def transport(self) -> Transport:
+        transport = getattr(self._local, "transport", None)
+        if transport is None:
+            transport = self._local.transport = Transport(self.endpoint.url, self.tls_verify,
+                                                          self.endpoint.cert)
             with self._lock:
-                self._sessions.append(session)
-        return session
-
-    def pool(self) -> urllib3.HTTPConnectionPool:
-        """The thread's connection pool to the server: the one its session's adapter holds and
-        uses itself, asked the way requests asks it, with the same TLS settings."""
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            url = self.endpoint.url
-            adapter = self.session().get_adapter(url)
-            cert = self.endpoint.cert
-            if hasattr(adapter, "get_connection_with_tls_context"):  # requests 2.32 and later
-                pool = adapter.get_connection_with_tls_context(
-                    requests.Request("GET", url).prepare(), self.tls_verify, proxies={},
-                    cert=cert)
-            else:
-                pool = adapter.get_connection(url, proxies={})
-            adapter.cert_verify(pool, url, self.tls_verify, cert)
-            self._local.pool = pool
-        return pool
-
-    def drop_idle(self) -> None:
-        """Close this thread's idle kept-alive connections to the server, so that its next
-        request opens a new one (urllib3 reconnects a closed connection it takes from its
-        pool). The pool is this thread's alone."""
-        for connection in list(self.pool().pool.queue):  # type: ignore[union-attr]
-            if connection is not None:
-                connection.close()
+                self._transports.append(transport)
+        return transport
 
     @property
     def distant(self) -> bool:
@@ -1084,59 +1160,76 @@ class OrthancClient:
 
     def close(self) -> None:
         with self._lock:
-            for session in self._sessions:
-                session.close()
-            self._sessions.clear()
+            for transport in self._transports:
+                transport.close()
+            self._transports.clear()
 
-    def send(self, method: str, path: str, stream: bool = False,
-             read_timeout: Optional[float] = None, data: Any = None, json: Any = None,
-             headers: Optional[dict[str, str]] = None) -> urllib3.HTTPResponse:
-        """One request, no retry; raises HttpStatusError on an error status, and requests'
-        exceptions for a failed connection, as requests would. The answer is read whole
-        unless `stream`.
+    def request(self, method: str, path: str, *, json: Any = None, data: Any = None,
+                headers: Optional[dict[str, str]] = None, read: str = "json",
+                limit: Optional[int] = None, timeout: Optional[float] = None,
+                retry: "bool | Callable[[BaseException], bool]" = True) -> Any:
+        """Ask the server. What comes back, by `read`: "json" (decoded), "bytes", "text"
+        (stripped), or "stream": the answer unread, which the caller reads, then discards.
+        `retry`: True retries what classify calls worth a retry, with backoff, up to the
+        policy's retries (GaveUp then chains the last error); False sends once; or a function
+        that decides for each error. An answer that announces more than `limit` bytes is not
+        read: TOO_LARGE. `timeout`: how long the first byte may take, if longer than
+        --timeout (a listing of the whole server, which Orthanc sends only once it has all of
+        it). Raises HttpStatusError, TransportError, UnexpectedAnswer."""
+        def once() -> Any:
+            return self.attempt(method, path, json, data, headers, read, limit, timeout)
+        if retry is False:
+            return once()
+        return call_with_retries(once, f"{self.role} {method} {path.split('?')[0]}",
+                                 self.policy, self.stop, None if retry is True else retry)
 
-        The request goes straight to the thread's urllib3 pool (its session's): requests
-        would build a request and an answer object around it, and parse the answer's headers
-        again for cookies. Profiled on 3,000 files of 130 KB fetched one after the other, that
-        was 0.45 ms of this tool's CPU per file against 0.27 ms this way; on 24,000 tiny
-        instances, a third of the CPU went to the study listings, mostly in requests."""
+    def get(self, path: str) -> Any:
+        """request("GET", path): decoded JSON, retried."""
+        return self.request("GET", path)
+
+    def attempt(self, method: str, path: str, body_json: Any, data: Any,
+                headers: Optional[dict[str, str]], read: str, limit: Optional[int],
+                timeout: Optional[float]) -> Any:
+        """One request (see request), sent straight to the thread's urllib3 pool."""
         if self.hold is not None:
             self.hold(self.stop)
         request_headers = self.headers.copy()
+        request_headers.update((name, value.current()) for name, value in self.files)
         body = data
-        if json is not None:
-            body = json_body(json)
+        if body_json is not None:
+            body = json.dumps(body_json).encode("utf-8")
             request_headers["Content-Type"] = "application/json"
         if headers:
             request_headers.update(headers)
         chunked = body is not None and not hasattr(body, "__len__")  # a generator of blocks
         if body is not None and not chunked:
             request_headers["Content-Length"] = str(len(body))
+        transport = self.transport()
         if body is not None and (chunked or len(body) >= FRESH_UPLOAD):
-            # Orthanc closes a kept-alive connection that brings no request within about a
-            # second of its last answer. Behind a link that queues several MB (a FIFO in a
-            # VPN concentrator or router), a request waits longer than that before its first
-            # byte arrives, and the whole body crosses the link for nothing. A new connection
-            # is waited on for Orthanc's request timeout (tens of seconds): a large upload
-            # costs one handshake more, and is never sent twice for that.
-            self.drop_idle()
-        timeout = self.timeout if read_timeout is None else urllib3.Timeout(
-            connect=self.timeout.connect_timeout, read=read_timeout)
+            # Orthanc closes a kept-alive connection idle for about a second: behind a link
+            # that queues longer (a FIFO in a router or VPN), a body sent on one crosses it
+            # for nothing. A new connection is waited on for tens of seconds.
+            transport.renew()
+        short = path.split("?")[0]
         started = time.perf_counter()
         try:
-            response = self.pool().urlopen(
+            response = transport.pool().urlopen(
                 method, self.prefix + path, body=body, headers=request_headers, retries=False,
-                redirect=False, assert_same_host=False, timeout=timeout, chunked=chunked,
+                redirect=False, assert_same_host=False, chunked=chunked,
+                timeout=self.timeout if timeout is None else urllib3.Timeout(
+                    connect=self.timeout.connect_timeout, read=max(self.policy.timeout,
+                                                                   timeout)),
                 preload_content=False, release_conn=False, decode_content=True,
                 enforce_content_length=True)
         except (urllib3.exceptions.HTTPError, OSError) as error:
             if body is not None:  # what was sent of it crossed the link for nothing
-                sent = len(body) if not chunked else 0
-                sent = getattr(body, "sent", sent)
+                sent = getattr(body, "sent", 0 if chunked else len(body))
                 with self._lock:
                     self.sent_again += sent
-            raise transport_error(error) from error
+            raise TransportError(self.role, method, short, *transport_kind(error)) from error
         self.latency = min(self.latency, time.perf_counter() - started)
+        kind = response.headers.get("Content-Type", "no type").split(";")[0]
+        EXCHANGES.last = f"{self.role} {method} {short} answered HTTP {response.status}, {kind}"
         if response.status >= 300:
             # An error answer is short (Orthanc's is a small JSON); read at most 64 KiB of it.
             try:
@@ -1144,159 +1237,92 @@ class OrthancClient:
             except (urllib3.exceptions.HTTPError, OSError):
                 text = ""
             discard(response)
-            raise HttpStatusError(self.role, method, path.split("?")[0], response.status, text)
-        require_framing(response)
-        if not stream:
-            read_whole(response, method, path)
-        return response
-
-    def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A JSON request with retries."""
-        def action() -> Any:
-            return self.decode(self.send(method, path, **kwargs), method, path)
-        return call_with_retries(action, f"{self.role} {method} {path.split('?')[0]}",
-                                 self.policy, self.stop)
-
-    def decode(self, response: urllib3.HTTPResponse, method: str, path: str) -> Any:
-        try:
-            return json.loads(response.data)
-        except ValueError:
-            raise ServerError(f"{self.role} {self.endpoint.url} answered {method} {path} "
-                              "with something that is not JSON") from None
-
-    def get(self, path: str) -> Any:
-        return self.json("GET", path)
-
-    def get_small(self, path: str, max_bytes: int) -> Any:
-        """A JSON GET with retries, or TOO_LARGE, unread, when the answer announces more than
-        `max_bytes`."""
-        def action() -> Any:
-            response = self.send("GET", path, stream=True)
-            length = response.headers.get("Content-Length")
-            if length is not None and int(length) > max_bytes:
-                discard(response)
-                return TOO_LARGE
-            read_whole(response, "GET", path)
-            return self.decode(response, "GET", path)
-        return call_with_retries(action, f"{self.role} GET {path}", self.policy, self.stop)
-
-    def whole(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A request over the whole server (every study ID, a search), which Orthanc answers
-        only once it has all of it: minutes for tens of millions of instances. It may wait
-        LISTING_TIMEOUT for the first byte, if that is longer than --timeout."""
-        return self.json(method, path, read_timeout=max(self.policy.timeout, LISTING_TIMEOUT),
-                         **kwargs)
-
-    def fetch(self, path: str, method: str = "GET", json: Any = None) -> bytes:
-        """A file, read whole in one read of its announced length; no retry. An answer cut
-        short raises TruncatedDownload, which is retried.
-
-        An archive comes with no length, ended by closing the connection, and in pieces of
-        about a file each: read as they come, 140 KB of tiny files took 170 reads and 3.8 ms
-        of this tool's CPU. Next to the server, the socket is told to wake the reader only
-        once GATHER_BYTES are in (or the answer ended): 1.7 ms, the same wall time."""
-        response = self.send(method, path, stream=True, json=json)
-        if not self.distant:
+            raise HttpStatusError(self.role, method, short, response.status, text)
+        if not framing(response):
+            discard(response)
+            raise TransportError(self.role, method, short, CUT_SHORT, "inside its headers")
+        length = response.headers.get("Content-Length")
+        if length is not None and not length.strip().isdigit():
+            discard(response)
+            raise UnexpectedAnswer(self.role, method, short,
+                                   f"a Content-Length that is not a number ({length[:40]!r})")
+        if read == "stream":
+            return response
+        if limit is not None and length is not None and int(length) > limit:
+            discard(response)
+            return TOO_LARGE
+        if read == "bytes" and not self.distant:  # an archive, in pieces of a file each
             gather(response, GATHER_BYTES)
-        content = read_whole(response, method, path)
-        response.release_conn()  # back to the pool, kept alive unless the server closes it
-        return content
-
-    def data(self, path: str) -> bytes:
-        """A GET of the answer's bytes, read in one read, with retries."""
-        return call_with_retries(lambda: self.fetch(path),
-                                 f"{self.role} GET {path.split('?')[0]}", self.policy, self.stop)
-
-    def text(self, path: str) -> str:
-        """A GET of a plain text answer, with retries."""
-        return call_with_retries(
-            lambda: self.send("GET", path).data.decode("utf-8", "replace").strip(),
-            f"{self.role} GET {path}", self.policy, self.stop)
+        try:
+            content = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            discard(response)
+            raise TransportError(self.role, method, short, CUT_SHORT) from error
+        EXCHANGES.last += f", {len(content):,} bytes"
+        if read == "bytes":
+            return content
+        if read == "text":
+            return content.decode("utf-8", "replace").strip()
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise UnexpectedAnswer(self.role, method, short, f"something that is not JSON "
+                                   f"(HTTP {response.status}, {kind}, {len(content):,} bytes: "
+                                   f"{page_text(content[:4096].decode('utf-8', 'replace'))!r})"
+                                   ) from None
 
     def md5(self, instance_id: str) -> Optional[str]:
         """The MD5 Orthanc stored for the instance's DICOM file (of the uncompressed file,
         whatever StorageCompression says), or None when the instance is not there."""
-        path = f"/instances/{instance_id}/attachments/dicom/md5"
-        return unless_missing(lambda: self.text(path))
+        return unless_missing(lambda: self.request(
+            "GET", f"/instances/{instance_id}/attachments/dicom/md5", read="text"))
 
     def check(self) -> dict:
-        """GET /system, turning every way it can fail into a one-line ServerError. Resets,
+        """GET /system, every way it can fail turned into a one-line ServerError. Resets,
         timeouts and 5xx are retried like any request; a refused connection, an unknown host
         or a TLS failure are most likely a wrong URL and fail at once."""
         url = self.endpoint.url
 
-        def ask() -> requests.Response:
-            try:
-                response = self.session().get(url + "/system", allow_redirects=False,
-                                              timeout=(10, self.policy.timeout))
-            except requests.exceptions.SSLError:
-                raise
-            except requests.ConnectionError as error:
-                reason = describe_error(error)
-                if reason in ("connection refused", "unknown host name",
-                              "name or service not known"):
-                    raise ServerError(f"cannot reach {self.role} {url}: {reason}") from error
-                raise
-            if response.status_code == 429 or response.status_code >= 500:
-                raise HttpStatusError(self.role, "GET", "/system", response.status_code, "")
-            if response.status_code == 200:
-                require_framing(response)
-            return response
+        def worth(error: BaseException) -> bool:
+            return classify(error) == RETRY and not (
+                isinstance(error, TransportError) and error.kind in (REFUSED, UNKNOWN_HOST))
         try:
-            response = call_with_retries(ask, f"{self.role} GET /system", self.policy, self.stop)
-        except requests.exceptions.SSLError as error:
-            raise ServerError(f"cannot reach {self.role} {url}: TLS failed "
-                              f"({describe_tls_error(error)}); see --ca-bundle and --insecure"
-                              ) from error
-        except (requests.RequestException, GaveUp, HttpStatusError) as error:
-            raise ServerError(f"cannot reach {self.role} {url}: {describe_error(error)}"
-                              ) from error
-        if response.status_code in (401, 403):
-            headers = ", ".join(name for name, _ in self.endpoint.headers)
-            raise ServerError(
-                f"{self.role} {url} refused the credentials of user "
-                f"{self.endpoint.username!r}" + (f" and the headers {headers}" if headers else "")
-                + f" (HTTP {response.status_code}); check --{self.role}-username/--{self.role}-"
-                f"password, or, behind a proxy that wants an API key or a token, "
-                f"--{self.role}-header")
-        if response.status_code == 400 and CLIENT_CERT_REFUSED.search(response.text[:4096]):
-            sent = "none was sent" if self.endpoint.cert is None else "it refused the one sent"
-            raise ServerError(f"{self.role} {url} wants a client certificate ({sent}; HTTP 400 "
-                              f"from a proxy in front of it); give it with --client-cert and "
-                              f"--client-key, or --{self.role}-client-cert and "
-                              f"--{self.role}-client-key")
-        try:
-            system = response.json() if response.status_code == 200 else None
-        except ValueError:
-            system = None
+            system = self.request("GET", "/system", retry=worth)
+        except (TransportError, GaveUp) as error:
+            tls = isinstance(error, TransportError) and error.kind == TLS
+            raise ServerError(f"cannot reach {self.role} {url}: {error}"
+                              + ("; see --ca-bundle and --insecure" if tls else "")) from error
+        except HttpStatusError as error:
+            if error.status in (401, 403):
+                headers = ", ".join(name for name, _ in self.endpoint.headers)
+                raise CredentialsRefused(
+                    f"{self.role} {url} refused the credentials of user "
+                    f"{self.endpoint.username!r}" + (f" and the headers {headers}" if headers
+                                                     else "")
+                    + f" (HTTP {error.status}); check --{self.role}-username/--{self.role}-"
+                    f"password, or, behind a proxy that wants an API key or a token, "
+                    f"--{self.role}-header") from None
+            if error.status == 400:  # never Orthanc's answer to GET /system: a proxy's
+                sent = "none was sent" if self.endpoint.cert is None else \
+                    "it refused the one sent"
+                raise ServerError(
+                    f"{self.role} {url}: a proxy in front of it refused the request (HTTP 400"
+                    + (f": {error.detail}" if error.detail else "") + "); if it wants a client "
+                    f"certificate ({sent}), give it with --client-cert and --client-key, or "
+                    f"--{self.role}-client-cert and --{self.role}-client-key") from None
+            system = error.status
+        except UnexpectedAnswer:
+            system = 200
         if not isinstance(system, dict) or "Version" not in system or "ApiVersion" not in system:
-            raise ServerError(f"{self.role} {url} answers but is not an Orthanc server "
-                              f"(GET /system gave HTTP {response.status_code}); check the URL")
+            raise ServerError(f"{self.role} {url} answers but is not an Orthanc server (GET "
+                              f"/system gave HTTP {system if isinstance(system, int) else 200}"
+                              "); check the URL")
         self.system = system
         return system
 
     @property
     def version(self) -> str:
         return str(self.system.get("Version", "?"))
-
-
-# What nginx answers (HTTP 400) when it wants a client certificate and got none, or one it
-# does not accept.
-CLIENT_CERT_REFUSED = re.compile(r"No required SSL certificate was sent|SSL certificate error")
-
-
-def describe_tls_error(error: BaseException) -> str:
-    text = str(error)
-    if "CERTIFICATE_REQUIRED" in text or "certificate required" in text:
-        return "the server wants a client certificate; see --client-cert"
-    if any(alert in text for alert in ("UNKNOWN_CA", "unknown ca", "BAD_CERTIFICATE",
-                                       "bad certificate")):
-        return "the server refused the client certificate"
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return "certificate verify failed"
-    if "WRONG_VERSION_NUMBER" in text:
-        return "the server does not speak TLS on that port"
-    return "handshake failed"
 
 
 # ---- walking the source ---------------------------------------------------------------------
@@ -1320,11 +1346,10 @@ def parallel_map(function: Callable[[A], T], items: Iterable[A], threads: int) -
 
 
 class ReadAhead:
-    """`items`, produced on a thread of their own up to `size` ahead of the reader, so that
-    the reader does not wait for the requests that produce them: iterated, it waits for each;
-    `take(wait=False)` does not, and `wake` is called once the next item is there after a
-    take that found none. An error in producing them is raised to the reader; `close` (or a
-    reader that stops iterating) stops the thread at its next item."""
+    """`items`, produced on a thread of their own up to `size` ahead of the reader: iterated,
+    it waits for each; `take(wait=False)` does not, and `wake` is called once the next item
+    is there after a take that found none. An error in producing them is raised to the
+    reader; `close` (or a reader that stops iterating) stops the thread at its next item."""
 
     END, NOT_YET = object(), object()
 
@@ -1403,8 +1428,9 @@ def study_layout(server: OrthancClient, study: str,
 def series_sizes(source: OrthancClient, layout: dict[str, list[str]],
                  wanted: set[str]) -> dict[str, int]:
     """The sizes of the `wanted` instances of a large study, series by series: an expanded
-    listing of each series that has any, or for a series too large for that, the average
-    size its statistics give."""
+    listing of each series that has any, or for a series too large for that, each instance
+    asked for on its own (a series' mean size would let a large instance into a bundle,
+    which is read whole into memory)."""
     sizes: dict[str, int] = {}
     for series, instances in layout.items():
         if wanted.isdisjoint(instances):
@@ -1413,11 +1439,10 @@ def series_sizes(source: OrthancClient, layout: dict[str, list[str]],
             records = unless_missing(lambda: source.get(f"/series/{series}/instances")) or []
             sizes.update((record["ID"], int(record["FileSize"])) for record in records
                          if record["ID"] in wanted)
-            continue
-        statistics = unless_missing(lambda: source.get(f"/series/{series}/statistics")) or {}
-        average = int(statistics.get("UncompressedSize", 0)) // max(
-            1, int(statistics.get("CountInstances", 1)))
-        sizes.update((instance, average) for instance in instances if instance in wanted)
+        else:
+            sizes.update(fetch_details(source, [instance for instance in instances
+                                                if instance in wanted], None, "instances",
+                                       CHECKS_AHEAD, lambda record: int(record["FileSize"])))
     return sizes
 
 
@@ -1425,14 +1450,13 @@ def check_study(source: OrthancClient, target: OrthancClient, study: str,
                 on_target: bool, seen: Optional[Seen] = None) -> StudyCheck:
     """What the target lacks of one study. The target is asked for the study's series only
     if it has the study (`on_target`); the source for the study's instances, expanded with
-    their sizes: one request for a study the target lacks. A study whose listing would be
-    larger than STUDY_ANSWER_MAX is described series by series instead, so that memory
-    grows with a series at most, not with the study. `seen` (--check) keeps what the
-    listings say of each instance and series, the target's first."""
+    their sizes, or series by series where that listing would exceed STUDY_ANSWER_MAX (memory
+    grows with a series at most). `seen` (--check) keeps what the listings say of each
+    instance and series, the target's first."""
     found = study_layout(target, study, seen) if on_target else None
     present = {instance for instances in (found or {}).values() for instance in instances}
-    records = unless_missing(lambda: source.get_small(f"/studies/{study}/instances",
-                                                      STUDY_ANSWER_MAX))
+    records = unless_missing(lambda: source.request("GET", f"/studies/{study}/instances",
+                                                    limit=STUDY_ANSWER_MAX))
     if records is None:
         return StudyCheck(study, gone=True)
     if records is not TOO_LARGE:
@@ -1463,10 +1487,9 @@ def described_check(source: OrthancClient, target: OrthancClient, study: str, on
                     pool: ThreadPoolExecutor, uids: bool) -> StudyCheck:
     """check_study for --check, with what a person knows a difference by: the study's tags
     (one request) and, with `uids` (for --csv), each differing instance's SeriesInstanceUID
-    and SOPInstanceUID, read where the check reads anyway, and at most a request for the
-    source's series and one for each target series that holds instances only the target
-    has. A study the target lacks differs for sure: what describes it is asked for beside
-    its listing, on `pool`, so that across a link the whole check costs one round trip."""
+    and SOPInstanceUID (at most a request for the source's series and one for each target
+    series with instances only the target has). For a study the target lacks, they are
+    asked for on `pool` beside its listing: across a link, one round trip in all."""
     seen, series = Seen(), Seen()
     tags = pool.submit(study_tags, source, study) if not on_target else None
     listed = pool.submit(study_layout, source, study, series) if uids and not on_target \
@@ -1503,20 +1526,20 @@ FIND_PAGE = 1000  # IDs a /tools/find page asks for, where the server can page i
 
 def find_all(source: OrthancClient, body: dict) -> list[str]:
     """Every resource a /tools/find matches, whatever LimitFindResults or LimitFindInstances
-    the source has. Orthanc 1.12.5+ (`HasExtendedFind`) pages its finds: pages are read until
-    one comes back empty, the only proof of the end (a page shorter than asked may just be
-    the cap). Older servers find at most cap+1 resources whatever Since and Limit say; their
-    cap is found by asking for every resource of the level, and a find it may have cut is
+    the source has. Orthanc 1.12.5+ (`HasExtendedFind`) pages its finds until one comes back
+    empty, the only proof of the end. Older servers find at most cap+1 resources whatever
+    Since and Limit say: their cap is found once (find_cap), and a find it may have cut is
     done again in slices smaller than the cap (find_in_slices)."""
     if source.system.get("Capabilities", {}).get("HasExtendedFind"):
         found: list[str] = []
         while True:
-            page = source.whole("POST", "/tools/find",
-                                json={**body, "Since": len(found), "Limit": FIND_PAGE})
+            page = source.request("POST", "/tools/find",
+                                  json={**body, "Since": len(found), "Limit": FIND_PAGE},
+                                  timeout=LISTING_TIMEOUT)
             if not page:
                 return found
             found.extend(page)
-    found = source.whole("POST", "/tools/find", json=body)
+    found = source.request("POST", "/tools/find", json=body, timeout=LISTING_TIMEOUT)
     # A find of every instance would make the server list its whole archive: an instance-level
     # find (labels, Orthanc 1.12.0 to 1.12.4) is taken as it comes.
     cap = None if body["Level"] == "Instance" else find_cap(source, body["Level"])
@@ -1538,7 +1561,8 @@ def find_cap(source: OrthancClient, level: str) -> Optional[int]:
     if level not in caps:
         counts = source.get("/statistics")
         count = int(counts.get(f"Count{LEVEL_PATHS[level].capitalize()}", 0))
-        everything = source.whole("POST", "/tools/find", json={"Level": level, "Query": {}})
+        everything = source.request("POST", "/tools/find", json={"Level": level, "Query": {}},
+                                    timeout=LISTING_TIMEOUT)
         # cut, a server answers cap + 1 resources (Orthanc 1.9 to 1.12.4)
         caps[level] = len(everything) - 1 if len(everything) < count else None
         if caps[level] is not None:
@@ -1550,7 +1574,7 @@ def find_in_slices(source: OrthancClient, body: dict, cap: int) -> list[str]:
     """A study-level find on a server whose cap cut it: the same query over slices of at most
     `cap` studies named by their StudyInstanceUIDs (DICOM list matching), so that no slice can
     be cut. Needs the UID of every study: one paged expanded listing of the studies."""
-    studies = source.whole("GET", "/studies")
+    studies = source.request("GET", "/studies", timeout=LISTING_TIMEOUT)
     uids = fetch_details(source, {study: study for study in studies}, len(studies), "studies",
                          4, lambda record: record["MainDicomTags"].get("StudyInstanceUID", ""))
     ordered = sorted(set(uid for uid in uids.values() if uid))
@@ -1558,18 +1582,18 @@ def find_in_slices(source: OrthancClient, body: dict, cap: int) -> list[str]:
     size = max(1, min(cap, 500))
     for start in range(0, len(ordered), size):
         query = {**body["Query"], "StudyInstanceUID": "\\".join(ordered[start:start + size])}
-        found.update(dict.fromkeys(source.whole("POST", "/tools/find",
-                                                json={**body, "Query": query})))
+        found.update(dict.fromkeys(source.request("POST", "/tools/find",
+                                                  json={**body, "Query": query},
+                                                  timeout=LISTING_TIMEOUT)))
     return list(found)
 
 
 def fetch_details(source: OrthancClient, wanted: Collection[str], total: Optional[int],
                   level: str, threads: int, read: Callable[[dict], T]) -> dict[str, T]:
     """Details of the `wanted` resources of a level: one paged expanded listing when they are
-    many, one request each when they are few. Paging on SQLite is unstable while the server
-    receives data, so whatever the pages missed is asked for one by one afterwards; a resource
-    gone by then (404) is left out. `total` None: always one by one. `wanted` may map each ID
-    to itself: the answer is then keyed by those strings rather than by a copy of each."""
+    many (`total` None: never), one request each for the rest (paging is unstable while the
+    server receives data); one gone (404) is left out. `wanted` may map each ID to itself:
+    the answer is then keyed by those strings rather than by a copy of each."""
     found: dict[str, T] = {}
     if total is not None and len(wanted) * DETAIL_ONE_BY_ONE_RATIO > total:
         since = 0
@@ -1612,7 +1636,7 @@ def find_study(server: OrthancClient, study: str) -> list[str]:
     (one per patient that has it); none when the server has no such study."""
     if ORTHANC_ID.fullmatch(study):
         return [study] if unless_missing(lambda: server.get(f"/studies/{study}")) else []
-    found = server.json("POST", "/tools/lookup", data=study.encode())
+    found = server.request("POST", "/tools/lookup", data=study.encode())
     return [record["ID"] for record in found if record.get("Type") == "Study"]
 
 
@@ -1627,17 +1651,15 @@ class ChangeLog:
 
 def read_changes(source: OrthancClient, since: int, kinds: Collection[str],
                  until: Optional[int] = None) -> ChangeLog:
-    """The changes after `since` (up to `until`) whose ChangeType is one of `kinds`. Filtered
-    page by page: a first run reads the whole log, several records per instance (four
-    changes of about 250 bytes for each instance that arrived). A page that names none of
-    `kinds` is only skimmed for where it ends (skim_changes), at a small share of the cost
-    of decoding it. Orthanc's `Done`, not the length of a page, says where the log ends: a
-    server may give fewer than asked."""
+    """The changes after `since` (up to `until`) whose ChangeType is one of `kinds`, filtered
+    page by page: a first run reads the whole log, four records an instance. A page that
+    names none of `kinds` is only skimmed for where it ends (skim_changes). Orthanc's `Done`,
+    not the length of a page, says where the log ends: a server may give fewer than asked."""
     log_read = ChangeLog([], since)
     markers = [kind.encode() for kind in kinds]
     while True:
         path = f"/changes?since={log_read.last}&limit={CHANGES_PAGE}"
-        body = source.data(path)
+        body = source.request("GET", path, read="bytes")
         page = None if any(marker in body for marker in markers) else skim_changes(body)
         if page is not None and until is not None and page["Last"] > until:
             page = None  # where to stop inside the page: each change's position is needed
@@ -1645,8 +1667,8 @@ def read_changes(source: OrthancClient, since: int, kinds: Collection[str],
             try:
                 page = json.loads(body)
             except ValueError:
-                raise ServerError(f"source {source.endpoint.url} answered GET {path} with "
-                                  "something that is not JSON") from None
+                raise UnexpectedAnswer("source", "GET", "/changes",
+                                       "something that is not JSON") from None
         records = page.get("Changes", [])
         for change in records:
             if until is not None and int(change["Seq"]) > until:
@@ -1758,20 +1780,17 @@ def study_when(record: Optional[dict]) -> tuple[str, str]:
 def study_page(source: OrthancClient, since: int) -> list[tuple[str, tuple[str, str]]]:
     """(ID, (StudyDate, StudyTime)) of a page of the source's expanded study listing, cut down
     to those as it arrives."""
-    return [(record["ID"], study_when(record)) for record in source.whole(
-        "GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}")]
+    return [(record["ID"], study_when(record)) for record in source.request(
+        "GET", f"/studies?expand&since={since}&limit={STUDY_PAGE}", timeout=LISTING_TIMEOUT)]
 
 
 def study_records(source: OrthancClient,
                   count: int = 0) -> Iterator[tuple[str, tuple[str, str]]]:
     """(ID, (StudyDate, StudyTime)) of every study, from the source's expanded study listing,
-    page by page, two pages at a time up to `count` studies (what the source holds, as far
-    as known), then one after the other while pages come back full. Each page is cut down
-    to those as it arrives, so that at most two are held whole. Measured on Orthanc 1.10:
-    60 to 70 µs of the source's CPU a study (5,000 studies: 0.3 s, the same with one, two
-    or four pages at once), where one find by a StudyDate range costs 80 ms, reading the
-    whole index whatever it finds. Paging is unstable while the source receives studies:
-    one may be missed."""
+    two pages at a time up to `count` studies (what the source holds, as far as known), then
+    one after the other while pages come back full, each cut down to those as it arrives:
+    cheaper for an older Orthanc than finds by StudyDate range, each of which reads its whole
+    index. Paging is unstable while the source receives studies: one may be missed."""
     with ThreadPoolExecutor(2, thread_name_prefix="listing") as pool:
         ahead, since = deque([pool.submit(study_page, source, 0)]), STUDY_PAGE
         while ahead:
@@ -1802,14 +1821,10 @@ def study_dates(source: OrthancClient, studies: Collection[str], archive: int,
 class StudyOrder:
     """--order newest or oldest: the studies to look at by StudyDate (then StudyTime), newest
     or oldest first; then those without a date, and any the dated listings did not name
-    (arrived meanwhile), in the order given. The order changes only what goes first: every
-    study given is handed to the walk once.
-
-    A source that sorts its finds (Orthanc 1.12.5+, HasExtendedFind) is read page by page in
-    that order, a page ahead of the walk. An older one's study listing is read with each
-    study's tags, page by page, and sorted, after the first few studies have gone out from
-    one find (see head): no more finds by date range, which cost an older Orthanc a reading
-    of its whole index each (see study_records). When the studies to look at are few against
+    (arrived meanwhile), in the order given: every study given is handed out once. A source
+    that sorts its finds (Orthanc 1.12.5+, HasExtendedFind) is read page by page in that
+    order. An older one's expanded study listing is read and sorted after the first few
+    studies went out from one find (see head). When the studies to look at are few against
     the archive, each is asked for its own date instead."""
 
     def __init__(self, source: OrthancClient, order: str, threads: int) -> None:
@@ -1843,9 +1858,8 @@ class StudyOrder:
         without a date are noted as such (NO_STUDY_DATE).
 
         Each is held as one string "date\\1time\\0study" while they are sorted, which sorts
-        as the tuple would (the separators sort before any character of a date or time):
-        118 bytes a study, where the tuple with its strings held 326 (measured with
-        tracemalloc, 125,000 studies: 15 MB against 41)."""
+        as the tuple would (the separators sort before any character of a date or time), in
+        a third of the tuple's memory."""
         dated = []
         for (date, time_), study in found:
             if date:
@@ -1866,24 +1880,19 @@ class StudyOrder:
         """(study, date) of the studies that go first, in order, before the whole listing is
         read: every study dated from the newest date on the listing's last page on (oldest
         first: up to the oldest date on its first page), from one find of that StudyDate
-        range. A source's last arrivals hold its newest studies; in any order, a page of
-        STUDY_PAGE leaves about one study in STUDY_PAGE beyond its newest. Measured on Orthanc
-        1.10, 5,000 studies: the page and the find take 30 and 85 ms, against 0.3 s for the
-        whole listing (8 s projected at 125,000 studies, the find 2 s).
-
-        Empty (the listing alone decides) when the page holds no date, or when the find may
-        not have found them all: HEAD_LIMIT answers or more, or the cap of the source's finds
-        if this run has learnt it (see find_cap). A source that caps its finds at fewer than
-        HEAD_LIMIT - 1 studies (LimitFindResults) unknown to the run may have its first ones
-        out of order: never left out, since the listing hands out every study."""
+        range: a source's last arrivals hold its newest studies. Empty (the listing alone
+        decides) when the page holds no date, or when the find may not have found them all:
+        HEAD_LIMIT answers or more, or the cap of the source's finds if known (see find_cap).
+        A cap below HEAD_LIMIT - 1 unknown to the run may put the first ones out of order,
+        never leave one out: the listing hands out every study."""
         since = max(0, archive - STUDY_PAGE) if self.newest else 0
         dates = [when[0] for _, when in study_page(self.source, since) if when[0]]
         if not dates:
             return []
         edge = max(dates) if self.newest else min(dates)
-        found = self.source.whole("POST", "/tools/find", json={
+        found = self.source.request("POST", "/tools/find", json={
             "Level": "Study", "Query": {"StudyDate": f"{edge}-" if self.newest else f"-{edge}"},
-            "Expand": True, "Limit": HEAD_LIMIT})
+            "Expand": True, "Limit": HEAD_LIMIT}, timeout=LISTING_TIMEOUT)
         cap = self.source.find_caps.get("Study")
         if len(found) >= (HEAD_LIMIT if cap is None else min(HEAD_LIMIT, cap + 1)):
             return []
@@ -1897,7 +1906,8 @@ class StudyOrder:
                 "ResponseContent": ["MainDicomTags"], "Limit": FIND_PAGE}
         since = 0
         while True:  # pages until one comes back empty (see find_all)
-            page = self.source.whole("POST", "/tools/find", json={**body, "Since": since})
+            page = self.source.request("POST", "/tools/find", json={**body, "Since": since},
+                                       timeout=LISTING_TIMEOUT)
             if not page:
                 return
             yield from ((record["ID"], study_when(record)[0]) for record in page)
@@ -2142,15 +2152,12 @@ class Journal:
 
 # ---- the transfer engine --------------------------------------------------------------------
 class RateLimiter:
-    """Paces bytes to `rate` per second across all workers together. Each block is given the
-    next free slot of the shared timeline (virtual scheduling), so the flow is smooth rather
-    than bursty; at most `burst` seconds of idleness are made up for. A timetable's rate is
-    read at each block, so a change of rate takes effect within a block. The clocks and the
-    sleep are injected so tests need no real time.
-
-    A timetable's pause holds every request to either server before it starts (hold, which
-    each client calls): what is in flight ends at the rate before the pause, nothing new
-    starts, and the time paused is counted."""
+    """Paces bytes to `rate` per second across all workers together: each block takes the
+    next free slot of a shared timeline (virtual scheduling), a smooth flow; at most `burst`
+    seconds of idleness are made up for. A timetable's rate is read at each block. A pause
+    holds every request to either server before it starts (hold, which each client calls):
+    what is in flight ends at the rate before it, and the time paused is counted. The clocks
+    and the sleep are injected so tests need no real time."""
 
     def __init__(self, rate: "float | Timetable", clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = time.sleep, burst: float = 0.05,
@@ -2226,14 +2233,10 @@ class RateLimiter:
 class Pace:
     """How many requests to keep in flight to a server so that its round trip costs no time,
     by Little's law: as many as complete during one round trip (the `latency`, the quickest
-    answer seen), times PACE_MARGIN, between `low` and `high`. While the link is not full,
-    the rate follows the number in flight, so the number about doubles at each look (the
-    margin) until the rate stops following: the link, or a server, is then the limit, and
-    the margin keeps that many again queued on it. Next to the servers the round trip is a
-    fraction of a millisecond and `low` holds.
-
-    A server that answers 429 or 503 halves the ceiling, which then grows back by one each
-    PACE_WINDOW without another."""
+    answer seen), times PACE_MARGIN, between `low` and `high`. While the link is not full
+    the rate follows the number, which about doubles at each look until the link or a
+    server is the limit; the margin keeps that many again queued on it. Next to the servers
+    `low` holds. A 429 or 503 halves the ceiling, which grows back by one each PACE_WINDOW."""
 
     def __init__(self, low: int, high: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.low, self.high, self.clock = low, high, clock
@@ -2321,20 +2324,17 @@ class Gate:
 class UploadLimit(Gate):
     """How many uploads (POSTs to the target) are in flight at once, found by measurement as
     TCP finds its window. From the start (--threads, twice that to a distant target) the
-    number doubles while the rate doubles with it; from the first step that does not pay,
-    it grows by a quarter, at once after a step that paid and UPLOAD_HOLD seconds after one
-    that did not, to see whether the target has room again. A step is kept if the rate grew
-    by UPLOAD_GROWTH; else the number goes back (the answers slowed down as much as the
-    number grew). A 503 or 429 (an Orthanc cluster whose database retries ran out, a
-    proxy's limit) takes the number below the uploads in flight when it came, to three
-    quarters at most, and that many is not tried again for REFUSED_MEMORY seconds. The
-    ceiling bounds memory. --threads fixes the number.
+    number doubles while the rate doubles; from the first step that does not pay, it grows
+    by a quarter, at once after a step that paid, UPLOAD_HOLD seconds after one that did
+    not. A step is kept if the rate grew by UPLOAD_GROWTH, else undone. A 503 or 429 (a
+    cluster's database retries ran out, a proxy's limit) takes the number below the uploads
+    in flight when it came, three quarters at most, and that many is not tried again for
+    REFUSED_MEMORY seconds. The ceiling (UPLOADS_MAX) bounds memory with batch_bytes.
 
     A window's rate is the work (bytes, and INSTANCE_WORK an instance) of the uploads that
-    ended in it over its time. It begins when the first upload begun at the current number
-    ends (those in flight before have drained, about) and lasts until as many uploads as
-    the number have ended, UPLOAD_WINDOW at least. A window in which fewer uploads were in
-    flight than the number allows decides nothing: the target was not what bounded it.
+    ended in it over its time, from the end of the first upload begun at the current number
+    until as many as the number have ended, UPLOAD_WINDOW at least. A window with fewer
+    uploads in flight than the number decides nothing: the target was not what bounded it.
     Workers enter before an upload and leave after it; the walk reads `limit`."""
 
     def __init__(self, start: int, fixed: bool, ceiling: int = UPLOADS_MAX,
@@ -2428,7 +2428,7 @@ class UploadLimit(Gate):
             before = self.kept
             self.kept = (number, rate)
             self.step_up(now, f"the rate grew: {format_bytes(before[1])}/s at {before[0]}, "
-                         f"{format_bytes(rate)}/s at {number}")  # type: ignore[index]
+                         f"{format_bytes(rate)}/s at {number}", grew=True)  # type: ignore
         elif trying:
             kept_number, kept_rate = self.kept  # type: ignore[misc]
             self.set_limit(kept_number)
@@ -2437,7 +2437,7 @@ class UploadLimit(Gate):
                         f"the rate stopped growing: {format_bytes(kept_rate)}/s at "
                         f"{kept_number}, {format_bytes(rate)}/s at {number}")
         elif starved:  # decides nothing: the number stays, for the reason it had
-            if self.why == "measuring":
+            if self.kept is None and self.refused_at is None:  # nothing decided yet
                 self.why = f"the walk had fewer batches than {number} at once"
         else:
             self.kept = (number, rate)
@@ -2451,13 +2451,13 @@ class UploadLimit(Gate):
             self.changes += 1
             self.resize(number)
 
-    def step_up(self, now: float, why: str) -> None:
+    def step_up(self, now: float, why: str, grew: bool = False) -> None:
         number = self.limit
         top, reason = self.top(now)
         wanted = number * 2 if self.doubling else number + max(1, number // 4)
         self.set_limit(min(top, wanted))
         if self.limit <= number:
-            self.why = f"{reason}; {why}" if why.startswith("the rate grew") else reason
+            self.why = f"{reason}; {why}" if grew else reason
             self.next_try = now + UPLOAD_HOLD
         else:
             self.why = why
@@ -2482,8 +2482,8 @@ class UploadLimit(Gate):
 
 
 class UploadBody:
-    """A request body read in blocks with a known length (so requests sends a Content-Length
-    and never holds it whole), paced by the rate limiter, stopping promptly when asked to."""
+    """A request body read in blocks with a known length (sent with a Content-Length, never
+    held whole), paced by the rate limiter, stopping promptly when asked to."""
 
     def __init__(self, read: Callable[[int], bytes], length: int, stop: threading.Event,
                  limiter: Optional[RateLimiter] = None) -> None:
@@ -2503,8 +2503,8 @@ class UploadBody:
         data = self._read(min(size, max(self.length - self.sent, 0)))
         self.sent += len(data)
         if not data and self.sent < self.length:
-            raise TruncatedDownload(f"the source's answer ended after {self.sent} of "
-                                    f"{self.length} bytes")
+            raise TransportError("source", "GET", "/instances/{id}/file", CUT_SHORT,
+                                 f"after {self.sent} of {self.length} bytes")
         if self.limiter is not None and data:
             self.limiter.take(len(data))
         return data
@@ -2519,18 +2519,15 @@ class Copier:
                  adapt: bool = True) -> None:
         self.source, self.target, self.policy, self.stop = source, target, policy, stop
         self.limiter = limiter
-        # Uploads at once: from --threads, twice that to a distant target (while some wait
-        # for its answer across the link, others send), then as the measured rate says (see
-        # UploadLimit). The round trip is known from the first requests, before the walk.
+        # Uploads at once (see UploadLimit): the round trip is known before the walk.
         self.uploads = UploadLimit(workers * (2 if adapt and target.distant else 1),
                                    fixed=not adapt)
         # File downloads in flight: one a worker next to the source, up to `far_max` across
-        # a link, fetched by a shared pool for the workers' bundles.
+        # a link, on a pool shared by the workers' bundles.
         self.workers = workers
         self.download_pace = Pace(workers, max(workers, far_max))
         self.fetchers = ThreadPoolExecutor(max(workers, far_max), thread_name_prefix="fetch")
-        # What the source's archives weigh against the files in them, last sampled; None
-        # before a sample. Bundles from a distant source travel as archives if they shrink.
+        # What the source's archives weigh against their files, last sampled (see as_archive)
         self.archive_ratio: Optional[float] = None
         self.archives = version_at_least(source.version, (1, 8, 2))
         self.bundles = 0  # batches of the "bundle" mode sent, and those fetched as archives
@@ -2590,7 +2587,7 @@ class Copier:
             return self.copy_singles(batch, batch.instances)
         except GaveUp as error:
             for instance in batch.instances:
-                result.fail(instance, error)
+                result.failed.append((instance, error))
             return result
         unconfirmed = []
         for instance in batch.instances:
@@ -2621,19 +2618,18 @@ class Copier:
                                            self.stop)
             except Interrupted:
                 break  # those already stored are reported; the rest stay to be copied
-            except HttpStatusError as error:
-                if error.role == "source" and error.status == 404 and self.vanished(instance):
+            except (HttpStatusError, GaveUp) as error:
+                if isinstance(error, HttpStatusError) and error.role == "source" \
+                        and error.status == 404 and self.vanished(instance):
                     result.vanished.append(instance)
                 else:
-                    result.fail(instance, error)
-                continue
-            except GaveUp as error:
-                result.fail(instance, error)
+                    result.failed.append((instance, error))
                 continue
             status = answer.get("Status") if isinstance(answer, dict) else None
             if status in STORED_STATUSES and answer.get("ID") not in (None, instance.id):
-                result.failed.append((instance, f"the target stored it as {answer.get('ID')} "
-                                                "(does it transcode what it receives?)"))
+                result.failed.append((instance, Rejected(
+                    f"the target stored it as {answer.get('ID')} (does it transcode what it "
+                    "receives?)")))
             else:
                 result.answered(instance, status)
         return result
@@ -2643,7 +2639,7 @@ class Copier:
         plugin may also answer with 404): the first is no failure, the second is."""
         try:
             return unless_missing(lambda: self.source.get(f"/instances/{instance.id}")) is None
-        except (GaveUp, HttpStatusError, requests.RequestException):
+        except (GaveUp, HttpStatusError, TransportError):
             return False  # cannot tell: reported as a failure, the safe side
 
     def stream_one(self, instance: Instance) -> Any:
@@ -2652,7 +2648,8 @@ class Copier:
             return self.stream(instance)
 
     def stream(self, instance: Instance) -> Any:
-        download = self.source.send("GET", f"/instances/{instance.id}/file", stream=True)
+        download = self.source.request("GET", f"/instances/{instance.id}/file", read="stream",
+                                       retry=False)
         try:
             encoding = download.headers.get("Content-Encoding", "identity").lower()
             length = download.headers.get("Content-Length")
@@ -2672,8 +2669,8 @@ class Copier:
                                       self.limiter)
             else:  # a server that compresses anyway: decode, send chunked
                 body = self.paced(download.stream(CHUNK_SIZE))
-            upload = self.target.send("POST", "/instances", data=body, headers=headers)
-            return self.target.decode(upload, "POST", "/instances")
+            return self.target.request("POST", "/instances", data=body, headers=headers,
+                                       retry=False)
         finally:
             discard(download)
 
@@ -2702,7 +2699,7 @@ class Copier:
         ids = [instance.id for instance in batch.instances]
         body: Any
         if batch.mode == "archive":
-            body = self.source.fetch("/tools/create-archive", "POST", {"Resources": ids})
+            body = self.archive(ids)
         elif self.as_archive():
             body = self.sample_archive(batch, ids)
         else:
@@ -2719,17 +2716,21 @@ class Copier:
         if isinstance(body, bytes) and self.limiter is not None:
             body = UploadBody(io.BytesIO(body).read, len(body), self.stop, self.limiter)
         with self.uploading(batch.size, len(ids)):
-            answer = self.target.decode(self.target.send(
-                "POST", "/instances", data=body, headers={"Content-Type": "application/zip"}),
-                "POST", "/instances")
+            answer = self.target.request("POST", "/instances", data=body, retry=False,
+                                         headers={"Content-Type": "application/zip"})
         records = answer if isinstance(answer, list) else [answer]
         return {record["ID"]: record.get("Status", "") for record in records
                 if isinstance(record, dict) and "ID" in record}
 
+    def archive(self, ids: list[str]) -> bytes:
+        """The instances as a ZIP archive that the source builds."""
+        return self.source.request("POST", "/tools/create-archive", json={"Resources": ids},
+                                   read="bytes", retry=False)
+
     def sample_archive(self, batch: Batch, ids: list[str]) -> bytes:
         """A bundle fetched as the source's archive, and what it weighed against its files."""
         try:
-            archive = self.source.fetch("/tools/create-archive", "POST", {"Resources": ids})
+            archive = self.archive(ids)
         except BaseException:
             with self.lock:
                 self.sampling = False
@@ -2743,11 +2744,9 @@ class Copier:
 
     def deflate_upload(self, sample: bytes) -> bool:
         """Whether to deflate the next upload, whose first file begins with `sample`: only to
-        a distant target (next to it, the target's CPU and this tool's cost more than the
-        link saves), while the last measured upload shrank to ARCHIVE_WORTH of its files or
-        less, and one upload in ARCHIVE_SAMPLE_EVERY otherwise, to measure again. Before
-        any measurement, PROBE_BYTES of the sample deflated decide. Random pixels do not
-        shrink; many real images halve."""
+        a distant target (next to it, the CPU costs more than the link saves), while the last
+        upload measured shrank to ARCHIVE_WORTH of its files or less, else one upload in
+        ARCHIVE_SAMPLE_EVERY, to measure again; at first, PROBE_BYTES of the sample decide."""
         if not self.target.distant:
             return False
         with self.lock:
@@ -2771,10 +2770,8 @@ class Copier:
     def as_archive(self) -> bool:
         """Whether to fetch the next bundle as an archive the source builds and deflates: only
         from a distant source (next to it, deflating costs more than it saves), as a sample
-        once in ARCHIVE_SAMPLE_EVERY bundles (the first one alone: the others fetch files
-        meanwhile), and always while the last sample showed archives shrink to
-        ARCHIVE_WORTH of the files or less. What is measured decides, not a guess: random
-        pixels do not shrink, many real images halve."""
+        once in ARCHIVE_SAMPLE_EVERY bundles (the first alone: the others fetch files
+        meanwhile), and while the last sample shrank to ARCHIVE_WORTH of the files or less."""
         with self.lock:
             self.bundles += 1
             if not self.archives or not self.source.distant:
@@ -2833,7 +2830,8 @@ class Copier:
             self.downloads += 1
             self.downloads_max = max(self.downloads_max, self.downloads)
         try:
-            content = self.source.fetch(f"/instances/{instance_id}/file")
+            content = self.source.request("GET", f"/instances/{instance_id}/file", read="bytes",
+                                          retry=False)
         except HttpStatusError as error:
             if error.status in (429, 503):
                 self.download_pace.back_off()
@@ -2852,12 +2850,10 @@ def stored_zip(files: list[tuple[str, bytes]]) -> bytes:
 
 def zip_parts(files: list[tuple[str, bytes]], deflate: bool = False) -> list[bytes]:
     """The pieces of a ZIP archive of `files` (name, content), to be sent one after the
-    other: stored, the DICOM files are only checksummed, never copied, where zipfile copies
-    them twice and spent a tenth of this tool's CPU on middle-sized instances doing so. With
-    `deflate`, each file is deflated (zlib's fastest level, which shrinks images about as
-    much as its default at a sixth of the CPU) unless that does not make it smaller. No
-    ZIP64: a bundle holds at most BATCH_MAX_INSTANCES files and BATCH_MAX_BYTES bytes, far
-    below its limits."""
+    other: stored, the DICOM files are only checksummed, never copied (zipfile copies them
+    twice). With `deflate`, each file is deflated (zlib's fastest level: about its default's
+    size at a sixth of the CPU) unless that does not make it smaller. No ZIP64: a bundle is
+    far below its limits (BATCH_MAX_INSTANCES files, BATCH_MAX_BYTES)."""
     parts: list[bytes] = []
     directory: list[bytes] = []
     offset = 0
@@ -3051,14 +3047,11 @@ class Context:
 class Walk:
     """Plans and copies at once: studies are checked (what does the target lack of each?) a
     few ahead of the transfers, their missing instances cut into batches as they come, and
-    the batches sent by the workers. Only a bounded window of studies and batches is in
-    memory, whatever the size of the archive, and the first instances land as soon as the
-    first study is checked.
-
-    This (the main) thread alone counts results into `outcome`, moves the progress bar and
-    writes the journal; workers only move bytes and return results. Counting into the
-    caller's outcome means that a Ctrl-C at any point leaves it counting every batch that
-    was collected."""
+    the batches sent by the workers: a bounded window of studies and batches is in memory,
+    whatever the archive, and the first instances land once the first study is checked.
+    This (the main) thread alone counts results into the caller's `outcome` (a Ctrl-C at any
+    point leaves it counting every batch collected), moves the progress bar and writes the
+    journal; workers only move bytes and return results."""
 
     def __init__(self, context: Context, progress: Progress,
                  observe: Optional[Callable[[str, StudyCheck], None]] = None,
@@ -3075,7 +3068,7 @@ class Walk:
                                version_at_least(copier.source.version, (1, 8, 2)))
         self.ready: deque[Batch] = deque()
         self.ready_count = 0
-        # Checks in flight: two next to the servers, more across a link (see Pace).
+        # Checks in flight: half the workers (two at least), more across a link (see Pace).
         low = max(2, config.threads // 2)
         self.check_pace = Pace(low, CHECKS_MAX if config.pace else low)
         self.check_gate = Gate(low)
@@ -3087,14 +3080,14 @@ class Walk:
         # studies with instances still travelling -> [instances left, instances it holds,
         # bytes sent, failed?]: a study is recorded complete once every instance landed
         self.open_studies: dict[str, list] = {}
+        self.broken: Optional[BaseException] = None  # what ends the run (see stops_run)
 
     def run(self, studies: Iterable[str], on_target: Callable[[str], bool]) -> None:
         """Check each study (`on_target`: whether the target has it at all, so that a study it
         lacks costs it no request) and copy what it lacks; with --dry-run, only count."""
         config, outcome = self.config, self.outcome
         # Sorted studies come from the source's listing, read while the first ones travel:
-        # the loop takes them as they come, and does not wait for them while it has batches
-        # to start and transfers to collect.
+        # the loop takes them as they come, never waiting for them while it has work.
         pending = ReadAhead(studies, CHECKS_AHEAD, lambda: self.ended.put(None)) \
             if self.order is not None else iter(studies)
         more = True
@@ -3120,12 +3113,14 @@ class Walk:
                        and len(self.transfers) < uploads.limit + uploads.spare):
                     batch = self.ready.popleft()
                     self.ready_count -= len(batch.instances)
-                    future = senders.submit(self.copier.copy, batch)
+                    what = f"copy of {instance_count(len(batch.instances))} " \
+                           f"({batch.instances[0].id} ...)"
+                    future = senders.submit(guarded, what, partial(self.copier.copy, batch))
                     future.add_done_callback(self.ended.put)
                     self.transfers[future] = batch
                 if not self.checks and not self.transfers and (
                         stopping or (not more and not self.ready and not self.batcher.waiting)):
-                    return
+                    break
                 outcome.studies_max = max(outcome.studies_max,
                                           len(self.checks) + len(self.open_studies))
                 if self.copier.limiter is not None:
@@ -3160,6 +3155,8 @@ class Walk:
             if self.describing is not None:
                 self.describing.shutdown(wait=False, cancel_futures=True)
             senders.shutdown(wait=False, cancel_futures=True)
+        if self.broken is not None:  # what was in flight has ended, counted and journaled
+            raise self.broken
 
     def submit_checks(self, checkers: ThreadPoolExecutor, pending: Iterator[str] | ReadAhead,
                       on_target: Callable[[str], bool]) -> bool:
@@ -3172,8 +3169,12 @@ class Walk:
         self.check_gate.resize(width)
         while (len(self.checks) < max(CHECKS_AHEAD, 2 * self.check_gate.limit)
                and self.ready_count + self.batcher.waiting < WAITING_MAX):
-            study = pending.take(wait=False) if isinstance(pending, ReadAhead) else \
-                next(pending, ReadAhead.END)
+            try:
+                study = pending.take(wait=False) if isinstance(pending, ReadAhead) else \
+                    next(pending, ReadAhead.END)
+            except Exception as error:  # the listing of the studies failed
+                self.broken = error
+                return False
             if study is ReadAhead.NOT_YET:
                 return True
             if study is ReadAhead.END:
@@ -3201,20 +3202,26 @@ class Walk:
         self.check_gate.enter(self.stop)
         try:
             if self.describing is not None:
-                return described_check(self.copier.source, self.copier.target, study,
-                                       on_target, self.describing, self.config.csv is not None)
-            return check_study(self.copier.source, self.copier.target, study, on_target)
+                return guarded(f"check of study {study}", lambda: described_check(
+                    self.copier.source, self.copier.target, study, on_target, self.describing,
+                    self.config.csv is not None))
+            return guarded(f"check of study {study}", lambda: check_study(
+                self.copier.source, self.copier.target, study, on_target))
         finally:
             self.check_gate.leave()
             self.check_pace.done()
 
     def stopping(self) -> bool:
+        """Whether to start nothing more: after a failure (unless --ignore-errors), when the
+        target cannot store, on an error that ends the run (`broken`), or on a stop. What is
+        in flight lands; batches fetched but waiting for room to upload stay for a re-run."""
         outcome = self.outcome
         if outcome.target_full or (outcome.failed and not self.config.ignore_errors):
-            outcome.stopped_on_failure = True  # submit no more; what is in flight lands
-            # and batches fetched but waiting for room to upload stay for a re-run
+            outcome.stopped_on_failure = True
+        if outcome.stopped_on_failure or self.broken is not None:
             self.copier.uploads.halt()
-        return outcome.stopped_on_failure or self.stop.is_set()
+            return True
+        return self.stop.is_set()
 
     def queue(self, batch: Batch) -> None:
         self.ready.append(batch)
@@ -3226,7 +3233,10 @@ class Walk:
             check = future.result()
         except Interrupted:
             return
-        except (GaveUp, HttpStatusError) as error:
+        except Exception as error:
+            if stops_run(error):
+                self.broken = self.broken or error
+                return
             # The study could not be looked at: a failure named by study, not a lost study.
             outcome.fail_study(study, "could not look at it", error)
             log.error("check failed: study %s: %s", study, describe_error(error))
@@ -3261,9 +3271,11 @@ class Walk:
             result = future.result()
         except Interrupted:
             return
-        except Exception as error:  # a bug or an unexpected answer: name the batch
-            log.debug("worker error", exc_info=True)
-            result = BatchResult(batch, failed=[(instance, describe_error(error))
+        except Exception as error:
+            if stops_run(error):  # its instances stay for a re-run
+                self.broken = self.broken or error
+                return
+            result = BatchResult(batch, failed=[(instance, error)
                                                 for instance in batch.instances])
         if self.landed is not None:
             self.landed()
@@ -3277,14 +3289,16 @@ class Walk:
         outcome.copied_bytes += copied_bytes
         outcome.already += len(result.already)
         outcome.vanished += len(result.vanished)
-        for instance, reason in result.failed:
-            outcome.failed.append((instance.id, reason))
-            if TOO_LARGE_ANSWER in reason:
+        for instance, error in result.failed:
+            outcome.failed.append((instance.id, describe_error(error)))
+            if isinstance(error, HttpStatusError) and error.role == "target" \
+                    and error.status == 413:  # a proxy's body limit
                 outcome.too_large.append(instance.size)
+            if outcome.target_full is None and target_cannot_store(error):
+                outcome.target_full = error
             open_studies[instance.study][3] = True
             log.error("copy failed: instance %s (study %s): %s", instance.id,
-                      instance.study, reason)
-        outcome.target_full = outcome.target_full or result.target_full
+                      instance.study, describe_error(error))
         # Instances that ended, counted by study (a batch holds a few studies, in order).
         ended = Counter(instance.study for instance in itertools.chain(
             result.stored, result.already, result.vanished,
@@ -3409,7 +3423,7 @@ def preflight(source: OrthancClient, target: OrthancClient, metadata: bool,
 def lost_studies(target: OrthancClient, complete: Iterable[str]) -> list[str]:
     """The studies of `complete` (recorded complete in the save file) that the target no
     longer lists: one listing of the target's studies, whatever the number of instances."""
-    listed = set(target.whole("GET", "/studies"))
+    listed = set(target.request("GET", "/studies", timeout=LISTING_TIMEOUT))
     return [study for study in complete if study not in listed]
 
 
@@ -3435,9 +3449,11 @@ def too_large_line(sizes: list[int]) -> str:
             "Apache: LimitRequestBody), then run the same command again")
 
 
-def cannot_store_line(reason: str, system: dict) -> str:
-    """The line that stops a run whose target cannot store files."""
-    if "HTTP 405 to POST" in reason:
+def cannot_store_line(error: BaseException, system: dict) -> str:
+    """The line that stops a run whose target cannot store files (see target_cannot_store)."""
+    reason = describe_error(error)
+    cause = error.cause if isinstance(error, GaveUp) else error
+    if isinstance(cause, HttpStatusError) and cause.status == 405:
         return (f"stopped: the target takes no uploads ({reason}); is it read-only (ReadOnly "
                 "in its configuration), or does a proxy in front of it refuse POST?")
     limits = storage_limits(system)
@@ -3469,14 +3485,16 @@ class Confirmation:
         try:
             lost = lost_studies(context.target, (study for study in context.journal.studies
                                                  if chosen is None or study in chosen))
-        except (GaveUp, HttpStatusError) as error:
-            # Not known: not a success either.
-            outcome.unconfirmed = describe_error(error)
+            # Gone from the source too (deleted on both), it is nobody's loss: only forgotten.
+            on_source = set(context.source.request("GET", "/studies", timeout=LISTING_TIMEOUT)
+                            ) if lost else set()
+        except Exception as error:
+            if stops_run(error):
+                raise
+            outcome.unconfirmed = describe_error(error)  # not known: not a success either
             return
         outcome.unconfirmed = None
         if lost:
-            # Gone from the source too (deleted on both), it is nobody's loss: only forgotten.
-            on_source = set(context.source.whole("GET", "/studies"))
             context.journal.forget(lost)
             outcome.lost.extend(study for study in lost if study in on_source)
 
@@ -3510,12 +3528,9 @@ class YearTable:
     """--check: studies and instances by year of StudyDate on the source, on the target,
     missing from the target, only on the target, and the studies taken on trust: the table
     an administrator signs. A study counts in its year on the source (one only the target
-    has, in its year there); in the studies columns, each study concerned once.
-
-    Where the save file gives a study's StudyDate (it does for studies an --order walk
-    copied), that is its year, whether the study is taken on trust or looked at again; the
-    others' years are read beside the walk (`look_up`), and studies counted before those
-    are known wait for them."""
+    has, in its year there), each once in the studies columns. Its year is the StudyDate the
+    save file gives (of studies an --order walk copied), or read beside the walk (`look_up`),
+    studies counted before it is known waiting for it."""
 
     def __init__(self, dates: Optional[dict[str, str]] = None) -> None:
         self.dates = dates or {}  # study -> StudyDate, from the save file
@@ -3644,22 +3659,17 @@ def examine(target: OrthancClient, removal: Removal, username: str, threads: int
     return removal
 
 
-def remove(target: OrthancClient, instances: list[str], policy: RetryPolicy,
-           stop: threading.Event) -> None:
+def remove(target: OrthancClient, instances: list[str]) -> None:
     """Delete instances from the target: in bulk where it can (Orthanc 1.10+), else one by one.
     Orthanc removes a series, study and patient with their last instance. Deleting is
     idempotent: what is already gone is no error."""
     if version_at_least(target.version, (1, 10, 0)):
         for start in range(0, len(instances), BULK_DELETE):
-            chunk = instances[start:start + BULK_DELETE]
-            call_with_retries(lambda: target.send("POST", "/tools/bulk-delete",
-                                                  json={"Resources": chunk}),
-                              f"target bulk-delete of {len(chunk)} instances", policy, stop)
+            target.request("POST", "/tools/bulk-delete", read="bytes",
+                           json={"Resources": instances[start:start + BULK_DELETE]})
         return
     for instance in instances:
-        unless_missing(lambda: call_with_retries(
-            lambda: target.send("DELETE", f"/instances/{instance}"),
-            f"target DELETE /instances/{instance}", policy, stop))
+        unless_missing(lambda: target.request("DELETE", f"/instances/{instance}", read="bytes"))
 
 
 CSV_COLUMNS = ["difference", "patient_id", "study_date", "study_instance_uid", "study",
@@ -3712,9 +3722,11 @@ class Differences:
             yield line.rstrip("\n")
 
     def close(self) -> None:
+        """Once the report has copied the spool (see finish_report)."""
         if self.csv_file is not None:
             self.csv_file.close()
             self.csv_file = None
+        self.spool.close()
 
 
 def max_delete_line(count: int, limit: int) -> str:
@@ -3727,9 +3739,8 @@ def max_delete_line(count: int, limit: int) -> str:
 class Mirror:
     """--delete and --check: what the target holds beyond the source. The two study lists give
     the selected studies only the target has (`extra`) and of those the ones this tool copied
-    (`whole`, which --delete removes); the walk tells each study's check (observe), which
-    names the instances only the target has. With --check every difference also goes to
-    `differences`."""
+    (`whole`, which --delete removes); each study's check (observe) names the instances only
+    the target has. With --check every difference also goes to `differences`."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
@@ -3752,7 +3763,7 @@ class Mirror:
             on_source = studies if isinstance(studies, (set, dict)) else set(studies)
             chosen: Collection[str] = listed
         else:
-            on_source = set(context.source.whole("GET", "/studies"))
+            on_source = set(context.source.request("GET", "/studies", timeout=LISTING_TIMEOUT))
             chosen = set(select_studies(context.target, config.query, config.studies, [])
                          ) & listed
         self.extra = sorted(study for study in chosen if study not in on_source)
@@ -3799,11 +3810,10 @@ class Mirror:
 
     def delete(self) -> None:
         """--delete: remove from the target, of the studies the source deleted and of the
-        instances the walk found only on the target, what this tool copied there. The
-        metadata of every candidate are read first; then, unless --max-delete forbids it,
-        the deletions are made study by study, each followed by its `gone` line in the save
-        file (a run killed in between finds the rest again: deleting is idempotent). With
-        --dry-run or --check, only listed."""
+        instances the walk found only on the target, what this tool copied there: every
+        candidate's metadata read first, then, unless --max-delete forbids it, study by
+        study, each followed by its `gone` line (deleting is idempotent). With --dry-run or
+        --check, only listed."""
         context, config, outcome = self.context, self.context.config, self.context.outcome
         removals = [Removal(study, True, []) for study in self.whole] + self.removals
         self.removals = []
@@ -3829,7 +3839,7 @@ class Mirror:
         for removal in removals:
             if removal.ours:
                 try:
-                    remove(context.target, removal.ours, config.policy, context.stop)
+                    remove(context.target, removal.ours)
                 except (GaveUp, HttpStatusError) as error:
                     outcome.fail_study(removal.study, "could not delete from it", error)
                     continue
@@ -3864,25 +3874,26 @@ class Mirror:
         if time.monotonic() - self.deletions_at < DELETE_EVERY:
             return True
         self.deletions_at = time.monotonic()
-        studies = context.source.whole("GET", "/studies") if context.selected is None else \
+        studies = context.source.request("GET", "/studies", timeout=LISTING_TIMEOUT) \
+            if context.selected is None else \
             select_studies(context.source, config.query, config.studies, [])
-        self.plan(studies, set(context.target.whole("GET", "/studies")))
+        self.plan(studies, set(context.target.request("GET", "/studies",
+                                                      timeout=LISTING_TIMEOUT)))
         if self.whole or self.removals:
             self.delete()
         return not context.outcome.delete_refused
 
     def close(self) -> None:
         self.reader.shutdown(wait=False, cancel_futures=True)
-        if self.differences is not None:
-            self.differences.close()
 
 
 # ---- verification: --verify -----------------------------------------------------------------
 def verify_study(source: OrthancClient, target: OrthancClient, study: str, threads: int,
-                 compare: bool = True) -> tuple[int, int, list[tuple[str, str]]]:
+                 compare: bool = True) -> tuple[int, int, list[tuple[str, str]], list[str]]:
     """Compare the MD5 that each server stored for every instance of a study (no file is
     downloaded); without `compare` (a target that transcodes what it receives), only that
-    each is there. Returns (instances checked, instances gone from the source, problems)."""
+    each is there. Returns (instances checked, instances gone from the source, problems,
+    the instances of those that differ)."""
     layout = study_layout(source, study) or {}
     instance_ids = [instance for instances in layout.values() for instance in instances]
 
@@ -3891,6 +3902,7 @@ def verify_study(source: OrthancClient, target: OrthancClient, study: str, threa
         return expected, target.md5(instance_id) if expected is not None else None
 
     problems: list[tuple[str, str]] = []
+    different: list[str] = []
     vanished = 0
     for instance_id, (expected, found) in zip(instance_ids,
                                               parallel_map(one, instance_ids, threads)):
@@ -3901,7 +3913,8 @@ def verify_study(source: OrthancClient, target: OrthancClient, study: str, threa
         elif found != expected and compare:
             problems.append((instance_id, f"different on the target (MD5 {found}, "
                                           f"{expected} on the source)"))
-    return len(instance_ids) - vanished, vanished, problems
+            different.append(instance_id)
+    return len(instance_ids) - vanished, vanished, problems, different
 
 
 def verify_all(context: Context, progress: Progress, studies: list[str],
@@ -3914,13 +3927,12 @@ def verify_all(context: Context, progress: Progress, studies: list[str],
                    "verifying")
     try:
         for study in studies:
-            checked, gone, problems = verify_study(context.source, context.target, study,
-                                                   context.config.threads, outcome.verify_md5)
+            checked, gone, problems, different = verify_study(
+                context.source, context.target, study, context.config.threads,
+                outcome.verify_md5)
             outcome.verified += checked
             outcome.vanished += gone
             outcome.verify_problems.extend(problems)
-            different = [instance for instance, problem in problems
-                         if problem.startswith("different")]
             if differences is not None and different:
                 differences.add(study, study_tags(context.source, study),
                                 {"different": different},
@@ -3937,8 +3949,8 @@ def metadata_values(server: OrthancClient, path: str) -> dict[str, str]:
     found = server.get(path + "/metadata?expand")
     if isinstance(found, dict):
         return found
-    return {name: server.text(f"{path}/metadata/{name}") for name in found
-            if name not in SYSTEM_METADATA}
+    return {name: server.request("GET", f"{path}/metadata/{name}", read="text")
+            for name in found if name not in SYSTEM_METADATA}
 
 
 def user_attachments(source: OrthancClient, path: str) -> dict[str, str]:
@@ -3956,40 +3968,40 @@ def user_attachments(source: OrthancClient, path: str) -> dict[str, str]:
 def sync_metadata(source: OrthancClient, target: OrthancClient, level: str,
                   resource: str) -> tuple[int, list[str]]:
     """Copy a resource's user metadata and user attachments (index 1024-65535) where the
-    target's differ. Returns (items written, problems). A resource missing on either side is
-    skipped: a missing instance is already reported as a failed copy."""
+    target's differ. Returns (items written, problems). A resource missing on either side
+    (a missing instance is a failed copy already), or an attachment deleted once listed, is
+    skipped; a write refused for good, or through every retry, is that item's problem."""
     path = f"/{LEVEL_PATHS[level]}/{resource}"
-    try:
-        wanted = metadata_values(source, path)
-        present = metadata_values(target, path)
-        attachments = user_attachments(source, path)
-    except HttpStatusError as error:
-        if error.status == 404:
-            return 0, []
-        raise
-    written, problems = 0, []
+    found = unless_missing(lambda: (metadata_values(source, path), metadata_values(
+        target, path), user_attachments(source, path)))
+    if found is None:
+        return 0, []
+    (wanted, present, attachments), written, problems = found, 0, []
+
+    def put(item: str, item_path: str, data: bytes, hint: str) -> None:
+        nonlocal written
+        try:
+            target.request("PUT", item_path, data=data, read="bytes")
+            written += 1
+        except (HttpStatusError, GaveUp) as error:
+            problems.append(f"{item} of {level.lower()} {resource}: {error}"
+                            + (f" ({hint})" if hint and isinstance(error, HttpStatusError)
+                               else ""))
     for name, value in wanted.items():
-        if name in SYSTEM_METADATA or present.get(name) == value:
-            continue
-        try:
-            target.send("PUT", f"{path}/metadata/{name}", data=value.encode("utf-8"))
-            written += 1
-        except HttpStatusError as error:
-            problems.append(f"metadata {name!r} of {level.lower()} {resource}: {error} (does "
-                            "the target declare it in UserMetadata?)")
+        if name not in SYSTEM_METADATA and present.get(name) != value:
+            put(f"metadata {name!r}", f"{path}/metadata/{name}", value.encode("utf-8"),
+                "does the target declare it in UserMetadata?")
     for name, target_name in attachments.items():
-        expected = source.text(f"{path}/attachments/{name}/md5")
-        found = unless_missing(lambda: target.text(f"{path}/attachments/{target_name}/md5"))
-        if found == expected:
-            continue
-        data = source.send("GET", f"{path}/attachments/{name}/data").data
-        try:
-            target.send("PUT", f"{path}/attachments/{target_name}", data=data)
-            written += 1
-        except HttpStatusError as error:
-            problems.append(f"attachment {name!r} of {level.lower()} {resource}: {error}"
-                            + ("" if target_name.isdigit() else
-                               " (does the target declare it in UserContentType?)"))
+        expected = unless_missing(lambda: source.request(
+            "GET", f"{path}/attachments/{name}/md5", read="text"))
+        found = unless_missing(lambda: target.request(
+            "GET", f"{path}/attachments/{target_name}/md5", read="text"))
+        data = None if expected is None or found == expected else unless_missing(
+            lambda: source.request("GET", f"{path}/attachments/{name}/data", read="bytes"))
+        if data is not None:
+            put(f"attachment {name!r}", f"{path}/attachments/{target_name}", data,
+                "" if target_name.isdigit() else "does the target declare it in "
+                "UserContentType?")
     return written, problems
 
 
@@ -4021,9 +4033,9 @@ def sync_labels(source: OrthancClient, target: OrthancClient, level: str,
     written, problems = 0, []
     for label in sorted(set(wanted) - set(present)):
         try:
-            target.send("PUT", f"{path}/labels/{label}")
+            target.request("PUT", f"{path}/labels/{label}", read="bytes")
             written += 1
-        except HttpStatusError as error:
+        except (HttpStatusError, GaveUp) as error:
             problems.append(f"label {label!r} of {level.lower()} {resource}: {error}")
     return written, problems
 
@@ -4037,20 +4049,13 @@ class MetadataPass:
 
     def in_selection(self, level: str, resource: str) -> bool:
         selected, source = self.context.selected, self.context.source
-        if selected is None:
-            return True
-        try:
-            if level == "Study":
-                return resource in selected
-            if level == "Patient":
-                studies = source.get(f"/patients/{resource}")["Studies"]
-                return bool(set(studies) & set(selected))
-            record = source.get(f"/{LEVEL_PATHS[level]}/{resource}/study")
-            return record["ID"] in selected
-        except HttpStatusError as error:
-            if error.status == 404:
-                return False
-            raise
+        if selected is None or level == "Study":
+            return selected is None or resource in selected
+        record = unless_missing(lambda: source.get(f"/patients/{resource}" if level == "Patient"
+                                                   else f"/{LEVEL_PATHS[level]}/{resource}/study"))
+        studies = [] if record is None else record["Studies"] if level == "Patient" else \
+            [record["ID"]]
+        return not set(studies).isdisjoint(selected)
 
     def copy_metadata(self, changes: ChangeLog, every_known: bool = True) -> None:
         """Record the changes read, then sync every resource known to carry user metadata or
@@ -4115,24 +4120,26 @@ def log_position(source: OrthancClient) -> tuple[int, str]:
 def resume(context: Context, position: int,
            anchor: str) -> Optional[Callable[[], ChangeLog]]:
     """Decide which studies the save file lets this run skip; return the reading of the
-    change log for metadata that is left (None with --no-metadata).
-
-    The studies recorded complete since the last mark are skipped unless the change log says
-    that instances arrived in them after it. That holds only if the log still is the one the
-    mark was taken from: the change at the mark must still be there, naming the same
-    resource. A log cleared (DELETE /changes), a server restarted on another database, or
-    --recheck: every study is looked at again."""
+    change log for metadata that is left (None with --no-metadata). The studies recorded
+    complete since the last mark are skipped unless the log says instances arrived in them
+    after it, which holds only while the change at the mark is there, naming the same
+    resource. A log cleared (DELETE /changes) or of another database: every study is looked
+    at again, and the log read for metadata from its start; --recheck: every study."""
     config, journal, source = context.config, context.journal, context.source
     mark = journal.mark
     # A mark at 0 (the log was empty) cannot be checked: it holds while the log is empty.
-    intact = mark is not None and not config.recheck and mark[0] <= position and (
+    same_log = mark is not None and mark[0] <= position and (
         position == 0 if mark[0] == 0 else change_at(source, mark[0]) == mark[1])
+    intact = same_log and not config.recheck
     since = journal.position or 0
     metadata = METADATA_CHANGES if config.metadata else frozenset()
     if not intact:
-        if mark is not None and mark[0] > 0 and not config.recheck:
-            log.warning("the source's change log is not the one the save file's mark was "
-                        "taken from (cleared or restarted?): looking at every study again")
+        if mark is not None and not same_log:
+            if mark[0] > 0:
+                log.warning("the source's change log is not the one the save file's mark was "
+                            "taken from (cleared or restarted?): looking at every study again, "
+                            "and reading its log from the start")
+            since = 0
         journal.begin(position, anchor, (), reset=True)
     else:
         assert mark is not None
@@ -4172,20 +4179,14 @@ class Follow:
         while not stop.wait(config.poll):
             try:
                 next_position = self.look(position)
+                if next_position is None:
+                    return
+                position = next_position
+                if self.mirror is not None and not self.mirror.follow_look():
+                    return
             except GaveUp as error:
                 log.warning("%s: %s: %s; looking again in %g s", time.strftime("%H:%M:%S"),
                             error.what, error, config.poll)
-                continue
-            if next_position is None:
-                return
-            position = next_position
-            if self.mirror is not None:
-                try:
-                    if not self.mirror.follow_look():
-                        return
-                except GaveUp as error:
-                    log.warning("%s: %s: %s; looking again later", time.strftime("%H:%M:%S"),
-                                error.what, error)
 
     def look(self, position: int) -> Optional[int]:
         """One look at the change log: check again the studies that instances arrived in
@@ -4235,9 +4236,8 @@ def connect(endpoint: Endpoint, config: Config, stop: threading.Event) -> Orthan
     client = OrthancClient(endpoint, config.policy, stop, config.tls_verify)
     try:
         client.check()
-    except ServerError as error:
-        if not ("refused the credentials" in str(error) and config.prompt
-                and not endpoint.password_given and sys.stdin.isatty()):
+    except CredentialsRefused:
+        if not (config.prompt and not endpoint.password_given and sys.stdin.isatty()):
             raise
         client.close()
         password = getpass.getpass(f"password for {endpoint.username} on {endpoint.url}: ")
@@ -4340,11 +4340,7 @@ class Run:
         def landed() -> None:
             """The first batch has landed: the log is read beside the transfers, not beside
             the order's listing of the studies, which it slowed threefold, nor beside the
-            first study's requests. A newest-first copy of 5,000 studies, Orthanc 1.10: the
-            first instance landed 1.35 s after the start with the log read from the start,
-            0.59 to 0.67 s from the first study on, 0.46 to 0.56 s from the first landing on
-            (--order source: 0.35 to 0.49 s). A dry run or a check syncs no metadata: it is
-            not read."""
+            first study's requests. A dry run or a check syncs no metadata: it is not read."""
             if read_log is not None and not metadata and not config.dry_run:
                 metadata.append(background.submit(read_log))
         self.walk(context, studies, statistics, on_target, landed)
@@ -4378,11 +4374,11 @@ class Run:
         config, source = self.config, context.source
         statistics = source.get("/statistics") if context.selected is None else None
         studies = context.selected if context.selected is not None else \
-            source.whole("GET", "/studies")
+            source.request("GET", "/studies", timeout=LISTING_TIMEOUT)
         # What is known of each study is keyed by the source's own strings: a few tens of
         # bytes a study, not another copy of its ID for every set that names it.
         context.journal.share_keys(studies)
-        listed = set(context.target.whole("GET", "/studies"))
+        listed = set(context.target.request("GET", "/studies", timeout=LISTING_TIMEOUT))
         if config.delete or config.check:
             self.mirror = Mirror(context)
             self.mirror.plan(studies, listed)
@@ -4960,8 +4956,8 @@ def failure_lines(outcome: Outcome, system: dict, ignore_errors: bool) -> list[s
     if outcome.too_large:
         lines.append(too_large_line(outcome.too_large))
     if outcome.unconfirmed:
-        lines.append(f"could not list the target's studies to confirm that it kept what it "
-                     f"stored ({outcome.unconfirmed}); run the same command again")
+        lines.append(f"could not confirm that the target kept what it stored "
+                     f"({outcome.unconfirmed}); run the same command again")
     if outcome.target_full:
         lines.append(cannot_store_line(outcome.target_full, system))
     elif outcome.stopped_on_failure and not ignore_errors:
@@ -4976,14 +4972,17 @@ def failure_lines(outcome: Outcome, system: dict, ignore_errors: bool) -> list[s
 
 
 def finish_report(config: Config, run: Run, elapsed: float) -> Outcome:
-    """Write --report, if asked (exit status 1 if it cannot be written)."""
-    if config.report:
-        try:
+    """Write --report, if asked (exit status 1 if it cannot be written); then close --check's
+    list of differences."""
+    try:
+        if config.report:
             write_report(config.report, config, run, elapsed)
-        except OSError as problem:
-            log.error("replicate.py: cannot write report %s: %s", config.report,
-                      problem.strerror)
-            run.outcome.exit_status = run.outcome.exit_status or EXIT_FAILURES
+    except OSError as problem:
+        log.error("replicate.py: cannot write report %s: %s", config.report, problem.strerror)
+        run.outcome.exit_status = run.outcome.exit_status or EXIT_FAILURES
+    finally:
+        if run.mirror is not None and run.mirror.differences is not None:
+            run.mirror.differences.close()
     return run.outcome
 
 
@@ -4995,11 +4994,13 @@ def error_status(error: BaseException) -> tuple[int, str]:
         code, message = EXIT_INTERRUPTED, "interrupted; run the same command again to resume"
     elif isinstance(error, ReplicateError):
         code, message = error.exit_code, f"replicate.py: {error}"
-    elif isinstance(error, (GaveUp, HttpStatusError, requests.RequestException)):
+    elif not stops_run(error) or classify(error) == UNREACHABLE:  # a request's, at last
         code, message = EXIT_SERVER, f"replicate.py: {describe_error(error)}"
-    else:  # a bug, or an answer no Orthanc gives
-        message = (f"replicate.py: unexpected error: {describe_error(error)} (-v shows where; "
-                   "the save file is consistent, a re-run resumes)")
+    else:  # an answer no Orthanc gives, or a bug
+        stopped = isinstance(error, (Defect, UnexpectedAnswer))
+        message = (f"replicate.py: {'stopped' if stopped else 'unexpected error'}: "
+                   f"{describe_error(error)} (-v shows where; the save file is consistent, a "
+                   "re-run resumes)")
     if code != EXIT_INTERRUPTED:
         log.debug("traceback:", exc_info=error)
     log.error("%s", message)
@@ -5008,10 +5009,8 @@ def error_status(error: BaseException) -> tuple[int, str]:
 
 def fewer_malloc_arenas() -> None:
     """glibc gives each thread that allocates an arena of its own (up to 8 a core), each
-    keeping what was freed in it for later. With 20 threads sending batches of megabytes
-    into a capped target, peak RSS was 147 MB with those arenas and 127 MB with two, at the
-    same CPU. A C library without mallopt (not glibc) is left as it is. Only the command
-    does this: a program that imports the module keeps its own allocator's settings."""
+    keeping what was freed in it: two hold the peak of many threads sending batches lower,
+    at the same CPU. Only the command does this, and only where the C library has mallopt."""
     try:
         ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError, TypeError):

@@ -181,4 +181,5 @@ end
     code, out, err = run(capsys, args(source, target, tmp_path / "save"))
     assert code == 1, err
     assert summary_value(out, "Copied:") == CORPUS_SIZE
-    assert "could not list the target's studies to confirm that it kept what it stored" in err
+    assert "could not confirm that the target kept what it stored (target answered HTTP 403 " \
+        "to GET /studies" in err

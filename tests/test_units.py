@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import ssl
 from typing import Callable
 import threading
 from pathlib import Path
@@ -13,7 +16,7 @@ import urllib3
 
 import replicate
 from replicate import (Batch, HttpStatusError, Instance, Journal, RetryPolicy, UsageError,
-                       call_with_retries, format_bytes, is_retryable, make_batches,
+                       call_with_retries, format_bytes, make_batches,
                        missing_instances, parse_url, pick_credentials, same_server)
 
 
@@ -125,45 +128,75 @@ def test_version_at_least() -> None:
 
 
 @pytest.mark.parametrize("error, expected", [
-    (HttpStatusError("target", "POST", "/instances", 503, ""), True),
-    (HttpStatusError("target", "POST", "/instances", 429, ""), True),
-    (HttpStatusError("target", "POST", "/instances", 400, ""), False),
-    (HttpStatusError("source", "GET", "/instances/x/file", 404, ""), False),
+    (HttpStatusError("target", "POST", "/instances", 503, ""), replicate.RETRY),
+    (HttpStatusError("target", "POST", "/instances", 429, ""), replicate.RETRY),
+    (HttpStatusError("target", "POST", "/instances", 400, ""), replicate.RESOURCE),
+    (HttpStatusError("source", "GET", "/instances/x/file", 404, ""), replicate.RESOURCE),
     (HttpStatusError("source", "GET", "/instances/x/file", 500,
-                     '{"OrthancStatus": 2006, "Message": "not a regular file"}'), False),
+                     '{"OrthancStatus": 2006, "Message": "not a regular file"}'),
+     replicate.RESOURCE),
     (HttpStatusError("target", "POST", "/instances", 500,
-                     '{"OrthancStatus": 19, "Message": "The file storage is full"}'), False),
+                     '{"OrthancStatus": 19, "Message": "The file storage is full"}'),
+     replicate.RESOURCE),
     (HttpStatusError("target", "POST", "/instances", 500, '{"OrthancStatus": 2001, "Message": '
-                     '"Unable to create a subdirectory or a file in the file storage"}'), True),
+                     '"Unable to create a subdirectory or a file in the file storage"}'),
+     replicate.RETRY),
     (HttpStatusError("target", "POST", "/instances", 500,
-                     '{"OrthancStatus": -1, "Message": "Internal error"}'), True),
-    (HttpStatusError("target", "POST", "/instances", 500, "<html>proxy error</html>"), True),
-    (requests.ConnectionError("reset"), True),
-    (requests.ReadTimeout("slow"), True),
-    (ValueError("bug"), False),
+                     '{"OrthancStatus": -1, "Message": "Internal error"}'), replicate.RETRY),
+    (HttpStatusError("target", "POST", "/instances", 500, "<html>proxy error</html>"),
+     replicate.RETRY),
+    (replicate.TransportError("source", "GET", "/x", replicate.RESET), replicate.RETRY),
+    (replicate.TransportError("source", "GET", "/x", replicate.TIMEOUT), replicate.RETRY),
+    (replicate.TransportError("source", "GET", "/x", replicate.TLS), replicate.UNREACHABLE),
+    (replicate.GaveUp(HttpStatusError("target", "POST", "/instances", 503, ""), 9),
+     replicate.RESOURCE),
+    (replicate.Rejected("the target answered Status FilteredOut"), replicate.RESOURCE),
+    (replicate.UnexpectedAnswer("source", "GET", "/studies", "HTML"), replicate.DEFECT),
+    (ValueError("bug"), replicate.DEFECT),
 ])
-def test_is_retryable(error: Exception, expected: bool) -> None:
-    assert is_retryable(error) is expected
+def test_classify(error: Exception, expected: str) -> None:
+    assert replicate.classify(error) == expected
 
 
-@pytest.mark.parametrize("error, retryable, reason", [
-    (urllib3.exceptions.NewConnectionError(None, "[Errno 111] Connection refused"), True,
-     "connection refused"),
-    (urllib3.exceptions.ConnectTimeoutError(None, "connect timed out"), True, "timed out"),
-    (urllib3.exceptions.ReadTimeoutError(None, "/x", "read timed out"), True, "timed out"),
-    (urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104)), True,
-     "connection failed"),
-    (urllib3.exceptions.SSLError("certificate verify failed"), False,
-     "certificate verify failed"),
+def chained(*errors: BaseException) -> BaseException:
+    """The first error, raised while handling the next, and so on, as urllib3 raises them."""
+    try:
+        try:
+            raise errors[-1]
+        except BaseException:
+            if len(errors) == 1:
+                raise
+            raise chained(*errors[:-1]) from errors[-1]  # noqa: B904
+    except BaseException as error:  # noqa: B036
+        return error
+
+
+@pytest.mark.parametrize("error, kind", [
+    (chained(urllib3.exceptions.NewConnectionError(None, "failed"),
+             ConnectionRefusedError(111, "refused")), replicate.REFUSED),
+    (chained(urllib3.exceptions.NewConnectionError(None, "failed"),
+             socket.gaierror(-2, "unknown")), replicate.UNKNOWN_HOST),
+    (urllib3.exceptions.ConnectTimeoutError(None, "connect timed out"), replicate.TIMEOUT),
+    (urllib3.exceptions.ReadTimeoutError(None, "/x", "read timed out"), replicate.TIMEOUT),
+    (chained(urllib3.exceptions.ProtocolError("aborted"), ConnectionResetError(104, "reset")),
+     replicate.RESET),
+    (chained(urllib3.exceptions.ProtocolError("aborted"),
+             http.client.RemoteDisconnected("closed")), replicate.CLOSED),
+    (chained(urllib3.exceptions.ProtocolError("broken"), http.client.IncompleteRead(b"")),
+     replicate.CUT_SHORT),
+    (chained(urllib3.exceptions.SSLError("failed"), ssl.SSLCertVerificationError(1, "x")),
+     replicate.TLS),
+    (OSError("something else"), replicate.CONNECTION),
 ])
-def test_urllib3_errors_are_told_as_requests_tells_them(error: Exception, retryable: bool,
-                                                        reason: str) -> None:
-    # The hot path goes to urllib3's pool (OrthancClient.send); what it raises must be
-    # retried and described as the same failure through requests was.
-    mapped = replicate.transport_error(error)
-    assert isinstance(mapped, requests.RequestException)
-    assert is_retryable(mapped) is retryable
-    assert replicate.describe_error(mapped) == reason
+def test_transport_errors_are_told_by_their_types(error: BaseException, kind: str) -> None:
+    assert replicate.transport_kind(error)[0] == kind
+
+
+def test_a_tls_failure_is_told_by_its_reason_code() -> None:
+    failure = ssl.SSLError(1, "alert")
+    failure.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    assert replicate.transport_kind(chained(urllib3.exceptions.SSLError("x"), failure)) == (
+        replicate.TLS, "the server wants a client certificate; see --client-cert")
 
 
 class Answer:
@@ -182,9 +215,6 @@ def test_framing_of_an_answer() -> None:
     assert replicate.framing(Answer(connection="close")) == "close"  # Orthanc's archives
     cut = Answer(connection="keep-alive")  # cut inside its headers: no way to end
     assert replicate.framing(cut) == ""
-    with pytest.raises(replicate.TruncatedDownload):
-        replicate.require_framing(cut)
-    assert cut.closed
 
 
 def test_http_errors_keep_orthancs_reason() -> None:
@@ -228,7 +258,7 @@ def test_retries_then_gives_up_with_the_cause(monkeypatch: pytest.MonkeyPatch) -
     def flaky() -> str:
         calls.append(1)
         if len(calls) < 3:
-            raise requests.ConnectionError("reset")
+            raise replicate.TransportError("target", "POST", "/instances", replicate.RESET)
         return "ok"
     assert call_with_retries(flaky, "test", RetryPolicy(retries=5), threading.Event()) == "ok"
     assert len(calls) == 3
@@ -534,7 +564,7 @@ def test_upload_body_notices_a_short_source() -> None:
     import io
     body = replicate.UploadBody(io.BytesIO(b"x" * 10).read, 20, threading.Event())
     body.read(100)
-    with pytest.raises(replicate.TruncatedDownload):
+    with pytest.raises(replicate.TransportError):
         body.read(100)
 
 
@@ -650,7 +680,7 @@ def test_a_405_to_an_upload_means_the_target_stores_nothing() -> None:
     assert replicate.target_cannot_store(refused)
     assert not replicate.target_cannot_store(HttpStatusError("target", "GET", "/x", 405, ""))
     assert not replicate.target_cannot_store(HttpStatusError("source", "POST", "/x", 405, ""))
-    assert "takes no uploads" in replicate.cannot_store_line(str(refused), {})
+    assert "takes no uploads" in replicate.cannot_store_line(refused, {})
     full = str(HttpStatusError("target", "POST", "/instances", 507, '{"OrthancStatus": 19}'))
     assert "is its disk full?" in replicate.cannot_store_line(full, {})
     rejecting = {"MaximumStorageSize": 1, "MaximumStorageMode": "Reject"}
@@ -684,8 +714,8 @@ def test_headers_from_the_line_the_environment_or_a_file(tmp_path: Path) -> None
     assert replicate.parse_header("api-key: plain", "--header", environ) == ("api-key", "plain")
     assert replicate.parse_header("api-key: env:KEY", "--header", environ) == \
         ("api-key", "from-the-environment")
-    assert replicate.parse_header(f"Authorization:@{token}", "--header", environ) == \
-        ("Authorization", "from-a-file")
+    name, value = replicate.parse_header(f"Authorization:@{token}", "--header", environ)
+    assert name == "Authorization" and value.current() == "from-a-file"
     # --target-header wins over --header for the same name, whatever its case
     assert replicate.pick_headers(["api-key: a", "X-Site: s"], ["API-Key: b"], "target",
                                   environ) == (("API-Key", "b"), ("X-Site", "s"))
@@ -719,7 +749,7 @@ def test_a_proxys_html_error_page_becomes_its_title() -> None:
     error = HttpStatusError("target", "POST", "/instances", 413, page)
     assert str(error) == ("target answered HTTP 413 to POST /instances (413 Request Entity Too "
                           "Large)")
-    assert replicate.TOO_LARGE_ANSWER in str(error)
+    assert error.status == 413 and error.detail == "413 Request Entity Too Large"
     line = replicate.too_large_line([60_000_000, 70_000_000])
     assert "2 instances of 60.0 MB and more were not copied" in line
     assert "client_max_body_size" in line
@@ -850,7 +880,7 @@ def test_prefixed_reader_gives_what_was_read_first_then_the_rest() -> None:
     assert [read(2), read(2), read(4), read(4)] == [b"AB", b"C", b"DEFG", b"HIJ"]
     body = replicate.UploadBody(replicate.prefixed(b"ABC", io.BytesIO(b"DE").read), 6,
                                 threading.Event())
-    with pytest.raises(replicate.TruncatedDownload):
+    with pytest.raises(replicate.TransportError):
         while body.read(4):
             pass
 
@@ -863,10 +893,34 @@ def test_a_header_given_in_any_case_replaces_the_tools_own() -> None:
     sent = {name.lower(): value for name, value in client.headers.items()}
     assert len(sent) == len(client.headers)  # no name twice, whatever its case
     assert sent["authorization"] == "Bearer t0ken" and sent["user-agent"] == "site-gateway"
-    session = client.session()  # what check() asks with: the same headers, no basic auth
-    assert session.auth is None
-    assert session.headers["Authorization"] == "Bearer t0ken"
-    assert session.headers["User-Agent"] == "site-gateway"
+    client.close()
+
+
+def test_a_header_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("Bearer first\n")
+    now = [0.0]
+    header = replicate.HeaderFile(token, "--header", "Authorization", clock=lambda: now[0])
+    endpoint = replicate.Endpoint("target", "http://new:8042", "orthanc", "secret",
+                                  headers=(("Authorization", header),))
+    client = replicate.OrthancClient(endpoint, RetryPolicy(), threading.Event())
+    assert "Authorization" not in client.headers and client.files == [("Authorization", header)]
+    assert header.current() == "Bearer first"
+    token.write_text("Bearer renewed\n")  # a sidecar renews the token
+    assert header.current() == "Bearer first"  # looked at once every HEADER_LOOK at most
+    now[0] += replicate.HEADER_LOOK
+    assert header.current() == "Bearer renewed"
+    token.unlink()  # between the sidecar's removal and its new file: the last value stays
+    now[0] += replicate.HEADER_LOOK
+    assert header.current() == "Bearer renewed"
+    replacement = tmp_path / "token.new"
+    replacement.write_text("Bearer third\n")
+    replacement.rename(token)  # written aside, then renamed over it
+    now[0] += replicate.HEADER_LOOK
+    assert header.current() == "Bearer third"
+    token.write_text("")  # empty: not a value to send
+    now[0] += replicate.HEADER_LOOK
+    assert header.current() == "Bearer third"
     client.close()
 
 
