@@ -271,11 +271,15 @@ class Defect(Exception):
     def __init__(self, what: str, cause: BaseException) -> None:
         self.cause = cause
         last = None if isinstance(cause, UnexpectedAnswer) else getattr(EXCHANGES, "last", None)
-        super().__init__(f"{what}: {describe_error(cause)}"
-                         + (f" (the last answer read: {last})" if last else ""))
+        read = f", {last[5]:,} bytes" if last and last[5] is not None else ""
+        super().__init__(f"{what}: {describe_error(cause)}" + (
+            " (the last answer read: {} {} {} answered HTTP {}, {}".format(*last[:5]) + read
+            + ")" if last else ""))
 
 
-EXCHANGES = threading.local()  # .last: what the thread's last request asked and got
+# .last: the thread's last request and answer (role, method, path, status, Content-Type,
+# bytes read), kept as it comes and put into words only when a Defect names it
+EXCHANGES = threading.local()
 
 
 # ---- small data classes ---------------------------------------------------------------------
@@ -1229,7 +1233,7 @@ class OrthancClient:
             raise TransportError(self.role, method, short, *transport_kind(error)) from error
         self.latency = min(self.latency, time.perf_counter() - started)
         kind = response.headers.get("Content-Type", "no type").split(";")[0]
-        EXCHANGES.last = f"{self.role} {method} {short} answered HTTP {response.status}, {kind}"
+        EXCHANGES.last = (self.role, method, short, response.status, kind, None)
         if response.status >= 300:
             # An error answer is short (Orthanc's is a small JSON); read at most 64 KiB of it.
             try:
@@ -1258,7 +1262,7 @@ class OrthancClient:
         except (urllib3.exceptions.HTTPError, OSError) as error:
             discard(response)
             raise TransportError(self.role, method, short, CUT_SHORT) from error
-        EXCHANGES.last += f", {len(content):,} bytes"
+        EXCHANGES.last = (*EXCHANGES.last[:5], len(content))
         if read == "bytes":
             return content
         if read == "text":
