@@ -1144,16 +1144,20 @@ class OrthancClient:
         # --bwlimit's pauses: called before each request, waits while the timetable pauses
         self.hold: Optional[Callable[[threading.Event], None]] = None
         self._local = threading.local()
-        self._transports: list[Transport] = []
+        self._transports: dict[threading.Thread, Transport] = {}
         self._lock = threading.Lock()
 
     def transport(self) -> Transport:
+        """The thread's own. Those of threads that ended are closed as a new one is made: a
+        walk's pools end with it, and a follow of weeks makes one walk a look."""
         transport = getattr(self._local, "transport", None)
         if transport is None:
             transport = self._local.transport = Transport(self.endpoint.url, self.tls_verify,
                                                           self.endpoint.cert)
             with self._lock:
-                self._transports.append(transport)
+                for ended in [thread for thread in self._transports if not thread.is_alive()]:
+                    self._transports.pop(ended).close()
+                self._transports[threading.current_thread()] = transport
         return transport
 
     @property
@@ -1164,7 +1168,7 @@ class OrthancClient:
 
     def close(self) -> None:
         with self._lock:
-            for transport in self._transports:
+            for transport in self._transports.values():
                 transport.close()
             self._transports.clear()
 
