@@ -64,7 +64,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from collections import Counter, deque
-from typing import Any, Callable, Collection, Iterable, Iterator, Optional, TypeVar
+from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Optional, TypeVar
 
 import requests
 import requests.adapters
@@ -1937,6 +1937,20 @@ class StudyOrder:
 
 
 # ---- the journal (save file) ----------------------------------------------------------------
+COMPACT_MIN = 10000  # dead lines a save file keeps at least before it is compacted
+
+
+def lock(handle: BinaryIO, path: Path) -> None:
+    """Lock a save file for this run: a second run on the same file is refused, not mixed in
+    (Windows has no such lock, and goes without)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"save file {path} is in use by another run of replicate.py; let "
+                             "it finish, or choose another --save") from None
+
+
 class Journal:
     """The save file: plain text, one record a line, appended and flushed as studies complete.
 
@@ -1957,8 +1971,10 @@ class Journal:
       no longer one this tool copied.
     Every study ever recorded complete, though taken back since, stays one this tool copied
     (`known`) until a `gone` line: --delete removes from the target only what it copied.
-    A torn last line (a crash while writing) is dropped on open. What a study holds on each
-    server decides what is copied; the journal only says which studies need no look.
+    A torn last line (a crash while writing) is dropped on open. Once its dead lines outweigh
+    its live ones (a --follow writes a few a look), the file is rewritten whole (compact).
+    What a study holds on each server decides what is copied; the journal only says which
+    studies need no look.
     """
 
     def __init__(self, path: Path, source_url: str, target_url: str,
@@ -1973,13 +1989,15 @@ class Journal:
         self.position: Optional[int] = None  # the source's change log read up to here
         self.candidates: set[tuple[str, str]] = set()  # resources with user metadata changes
         self.file: Optional[io.TextIOWrapper] = None
+        self.lines = 0  # in the file, live or dead (see compact)
 
     def open(self, read_only: bool = False) -> "Journal":
         """Read and check the save file; unless `read_only` (--dry-run), lock it for this run
         (a second run on the same file is refused, not mixed in) and open it to append."""
         if read_only:
             try:
-                self._parse(self.path.read_bytes())
+                with open(self.path, "rb") as handle:
+                    self._parse(handle)
             except FileNotFoundError:
                 pass
             except OSError as error:
@@ -1992,21 +2010,17 @@ class Journal:
             raise UsageError(f"cannot write save file {self.path}: {error.strerror}; "
                              "choose another --save") from error
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise UsageError(f"save file {self.path} is in use by another run of "
-                                     "replicate.py; let it finish, or choose another --save"
-                                     ) from None
-            handle.seek(0)
-            existing = handle.read()
-            keep = self._parse(existing)
-            if keep < len(existing):
-                handle.truncate(keep)
+            lock(handle, self.path)
+            if os.stat(self.path).st_ino != os.fstat(handle.fileno()).st_ino:
+                handle.close()  # a compaction renamed a new file over it meanwhile
+                return self.open()
+            keep = self._parse(handle)
+            handle.truncate(keep)  # a torn last line goes
             self.file = io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
             if not keep:
                 self._write([self.header])
+            elif self.compact_due():
+                self.compact()
         except OSError as error:
             handle.close()
             raise UsageError(f"cannot write save file {self.path}: {error.strerror}; "
@@ -2016,14 +2030,15 @@ class Journal:
             raise
         return self
 
-    def _parse(self, data: bytes) -> int:
-        """Check the records and return how many bytes of `data` to keep (a torn tail goes)."""
-        if not data.strip():
+    def _parse(self, handle: BinaryIO) -> int:
+        """Check the records, read line by line; return how many bytes to keep (a torn last
+        line goes)."""
+        handle.seek(0)
+        first = handle.readline()
+        if not first.strip() and not handle.read(1 << 16).strip():
             return 0
-        lines = data.split(b"\n")
-        complete, torn = lines[:-1], lines[-1]
         try:
-            header = complete[0].decode("utf-8") if complete else ""
+            header = first[:-1].decode("utf-8") if first.endswith(b"\n") else ""
         except UnicodeDecodeError:
             header = ""
         if not header.startswith(SAVE_MAGIC):
@@ -2034,9 +2049,14 @@ class Journal:
             raise UsageError(f"{self.path} belongs to source {fields.get('source', '?')} and "
                              f"target {fields.get('target', '?')}; choose another --save for "
                              "this pair")
-        for number, raw in enumerate(complete[1:], start=2):
+        keep, self.lines = len(first), 1
+        for number, raw in enumerate(handle, start=2):
+            if not raw.endswith(b"\n"):
+                log.debug("save file: dropping a torn last line of %d bytes", len(raw))
+                break
+            keep, self.lines = keep + len(raw), number
             try:
-                kind, *values = raw.decode("utf-8").split("\t")
+                kind, *values = raw[:-1].decode("utf-8").split("\t")
                 if kind == "study" and len(values) >= 2:
                     self.studies[values[0]] = int(values[1])
                     self.known.add(values[0])
@@ -2060,9 +2080,7 @@ class Journal:
             except (UnicodeDecodeError, ValueError):
                 raise UsageError(f"{self.path} line {number} is corrupt; fix or remove that "
                                  "line, or choose another --save") from None
-        if torn:
-            log.debug("save file: dropping a torn last line of %d bytes", len(torn))
-        return len(data) - len(torn)
+        return keep
 
     def _write(self, lines: list[str]) -> None:
         """Append whole lines, then flush and fsync once for all of them."""
@@ -2072,6 +2090,7 @@ class Journal:
             self.file.write("".join(line + "\n" for line in lines))
             self.file.flush()
             os.fsync(self.file.fileno())
+            self.lines += len(lines)
         except OSError as error:  # a full disk: the run stops, the next open drops a torn line
             broken, self.file = self.file, None
             try:
@@ -2151,6 +2170,63 @@ class Journal:
         for study in gone:
             self.studies.pop(study, None)
             self.known.discard(study)
+
+    def compact_due(self) -> bool:
+        """Whether the file's dead lines (studies taken back and recorded again, marks and
+        positions passed) outweigh its live ones, and COMPACT_MIN: a --follow of weeks writes
+        a few lines for each instance that arrives."""
+        live = 3 + len(self.candidates) + 2 * len(self.known) - len(self.studies)
+        return self.file is not None and self.lines - live > max(live, COMPACT_MIN)
+
+    def compact(self) -> None:
+        """Rewrite the save file with its live lines only: the header, the mark, the position,
+        the metadata candidates, each study's last `study` line, and a `redo` line for those
+        taken back since. Written to a file beside it, locked, flushed and renamed over it,
+        so that a crash at any moment leaves the old file or the new one, whole."""
+        assert self.file is not None
+        self.file.flush()
+        last: dict[str, bytes] = {}  # the last line of each study this tool copied
+        with open(self.path, "rb") as old:
+            for raw in old:
+                if raw.startswith(b"study\t"):
+                    study = raw.split(b"\t", 2)[1].decode("utf-8")
+                    if study in self.known:
+                        last[study] = raw
+        temporary = self.path.with_name(self.path.name + ".compacting")
+        handle = open(temporary, "w+b")  # noqa: SIM115
+        try:
+            lock(handle, temporary)
+            head = [self.header] + ([f"mark\t{self.mark[0]}\t{self.mark[1]}"] if self.mark
+                                    else []) + ([f"changes\t{self.position}"]
+                                                if self.position is not None else [])
+            head += [f"meta\t{level}\t{resource}" for level, resource in
+                     sorted(self.candidates)]
+            handle.write("".join(line + "\n" for line in head).encode("utf-8"))
+            handle.writelines(last.values())
+            redo = [study for study in last if study not in self.studies]
+            handle.write("".join(f"redo\t{study}\n" for study in redo).encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except OSError as error:  # the file as it was stays in use, and is tried again later
+            handle.close()
+            log.warning("warning: cannot compact save file %s: %s", self.path, error.strerror)
+            self.lines = 0
+            return
+        except BaseException:
+            handle.close()
+            raise
+        with contextlib.suppress(OSError):  # the rename itself survives a power cut
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        dead, self.file = self.file, io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
+        dead.close()
+        log.debug("save file compacted: %d lines to %d", self.lines,
+                  len(head) + len(last) + len(redo))
+        self.lines = len(head) + len(last) + len(redo)
 
     def close(self) -> None:
         if self.file is not None:
@@ -4192,6 +4268,8 @@ class Follow:
                 position = next_position
                 if self.mirror is not None and not self.mirror.follow_look():
                     return
+                if self.context.journal.compact_due():
+                    self.context.journal.compact()
             except GaveUp as error:
                 log.warning("%s: %s: %s; looking again in %g s", time.strftime("%H:%M:%S"),
                             error.what, error, config.poll)

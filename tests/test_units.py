@@ -317,6 +317,51 @@ def test_journal_drops_a_torn_last_line(tmp_path: Path) -> None:
     assert [line.split("\t")[1] for line in path.read_text().splitlines()[1:]] == ["s1", "s3"]
 
 
+def test_journal_compacts_to_its_live_lines(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(replicate, "COMPACT_MIN", 10)
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    journal.begin(5, "i5", (), reset=False)
+    journal.changes_read(7, [("Study", "s1")])
+    for round_ in range(10):  # the looks of a follow: taken back, recorded again
+        journal.studies_done([("s1", 3, 30, "20200101"), ("s2", 1, 10, ""), ("s3", 2, 5, "-")])
+        journal.begin(5 + round_, f"i{round_}", ["s1", "s2"], reset=False)
+    journal.studies_done([("s1", 4, 40, "20200102")])
+    journal.gone(["s3"])
+    state = (dict(journal.studies), set(journal.known), journal.mark, journal.position,
+             set(journal.candidates))
+    assert state[:2] == ({"s1": 4}, {"s1", "s2"}) and journal.compact_due()
+    journal.compact()
+    assert not journal.compact_due()
+    journal.studies_done([("s4", 1, 1, "")])  # written to the new file, still locked
+    with pytest.raises(UsageError, match="in use"):
+        Journal(path, "http://a:1", "http://b:2").open()
+    journal.close()
+    lines = path.read_text().splitlines()
+    assert lines[1:] == ["mark\t14\ti9", "changes\t7", "meta\tStudy\ts1",
+                         lines[4], lines[5], "redo\ts2", lines[7]]
+    assert lines[4].split("\t")[:3] == ["study", "s1", "4"] and lines[4].endswith("20200102")
+    assert lines[5].split("\t")[:3] == ["study", "s2", "1"]
+    again = Journal(path, "http://a:1", "http://b:2", dates=True).open(read_only=True)
+    assert (again.studies, again.known, again.mark, again.position, again.candidates) == (
+        {**state[0], "s4": 1}, state[1] | {"s4"}, *state[2:])
+    assert again.dates == {"s1": "20200102"} and again.lines == 8
+
+
+def test_a_save_file_with_many_dead_lines_is_compacted_as_it_opens(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setattr(replicate, "COMPACT_MIN", 10)
+    path = tmp_path / "save"
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    for _ in range(30):
+        journal.studies_done([("s1", 3, 30, "")])
+    journal.close()
+    assert len(path.read_text().splitlines()) == 31
+    journal = Journal(path, "http://a:1", "http://b:2").open()
+    journal.close()
+    assert len(path.read_text().splitlines()) == 2 and journal.studies == {"s1": 3}
+
+
 def test_journal_refuses_another_pair(tmp_path: Path) -> None:
     path = tmp_path / "save"
     Journal(path, "http://a:1", "http://b:2").open().close()
