@@ -730,13 +730,277 @@ def checks(scale: str, work: Path, cache: Path, baseline: Optional[str]) -> list
     return lines
 
 
+SOAK_RATE = 2.0  # instances a second arriving on the source
+SOAK_STUDY = 20  # instances a study
+SOAK_DELETE_EVERY = 300.0  # seconds between deletions of a study on the source
+SOAK_SAMPLE = 10.0  # seconds between samples of the tool's memory
+SOAK_STEADY = 180.0  # seconds after which the memory slope is taken
+SOAK_LUA = ('function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n'
+            f'  if username == "{USER}" then print("TOOL-REQUEST " .. method .. " " .. uri) end\n'
+            '  return true\nend\n')
+BENCH_USER = ("bench", "bench")  # the harness's own requests, which the Lua above leaves out
+
+
+class Soak:
+    """One --follow --delete --poll 2 of one script, with a steady stream of arrivals on its
+    source and a study deleted there every SOAK_DELETE_EVERY seconds."""
+
+    def __init__(self, label: str, script: str, work: Path) -> None:
+        self.label, self.script = label, script
+        folder = work / f"soak-{label}"
+        folder.mkdir(parents=True)
+        (folder / "count.lua").write_text(SOAK_LUA)
+        users = {USER: PASSWORD, BENCH_USER[0]: BENCH_USER[1]}
+        self.source, self.target = (
+            OrthancServer(folder / role, role.upper(), users=users,
+                          LuaScripts=[str(folder / "count.lua")]).start()
+            for role in ("source", "target"))
+        for server in (self.source, self.target):
+            server.session.auth = BENCH_USER
+        self.save = folder / "save"
+        self.arrived: list[str] = []
+        self.deletions: list[float] = []  # seconds each deletion took to reach the target
+        self.memory: list[tuple[float, int]] = []  # (seconds since the start, RSS in KB)
+        self.cpu = 0.0
+        self.idle = (0.0, 0.0)  # requests to the source and the target an idle look
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, base: list[Path]) -> None:
+        self.source.upload(base)
+        self.process = subprocess.Popen(
+            [sys.executable, self.script, self.source.url, self.target.url, "--save",
+             str(self.save), "--follow", "--delete", "--poll", "2", "-q", "--username", USER,
+             "--password", PASSWORD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+
+    def arrive(self, dataset_bytes: bytes) -> None:
+        answer = self.source.session.post(self.source.url + "/instances", data=dataset_bytes,
+                                          timeout=60)
+        answer.raise_for_status()
+        self.arrived.append(answer.json()["ID"])
+
+    def delete_one(self, study: str) -> None:
+        self.source.session.delete(f"{self.source.url}/studies/{study}",
+                                   timeout=60).raise_for_status()
+        started = time.monotonic()
+
+        def watch() -> None:
+            while time.monotonic() - started < 600:
+                if self.target.session.get(f"{self.target.url}/studies/{study}",
+                                           timeout=60).status_code == 404:
+                    self.deletions.append(time.monotonic() - started)
+                    return
+                time.sleep(1)
+            self.deletions.append(float("inf"))
+        threading.Thread(target=watch, daemon=True).start()
+
+    def sample(self, elapsed: float) -> None:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                self.memory.append((elapsed, int(line.split()[1])))
+        self.cpu = cpu_seconds(self.process.pid)
+
+    def requests(self) -> tuple[int, int]:
+        return tuple((server.folder / "orthanc.log").read_text(  # type: ignore[return-value]
+            errors="replace").count("TOOL-REQUEST") for server in (self.source, self.target))
+
+    def lags(self) -> list[float]:
+        """Target ReceptionDate minus source ReceptionDate, seconds, of each arrival."""
+        found = []
+        for instance in self.arrived:
+            stamps = []
+            for server in (self.source, self.target):
+                answer = server.session.get(
+                    f"{server.url}/instances/{instance}/metadata/ReceptionDate", timeout=60)
+                if answer.status_code != 200:
+                    break
+                stamps.append(time.mktime(time.strptime(answer.text.strip(), "%Y%m%dT%H%M%S")))
+            if len(stamps) == 2:
+                found.append(stamps[1] - stamps[0])
+        return found
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(2)
+            self.process.communicate(timeout=120)
+        for server in (self.source, self.target):
+            discard(server)
+
+
+def slope(samples: list[tuple[float, int]]) -> float:
+    """KB a second, least squares over `samples` of (seconds, KB)."""
+    if len(samples) < 2:
+        return 0.0
+    mean_x = sum(x for x, _ in samples) / len(samples)
+    mean_y = sum(y for _, y in samples) / len(samples)
+    spread = sum((x - mean_x) ** 2 for x, _ in samples)
+    return sum((x - mean_x) * (y - mean_y) for x, y in samples) / spread if spread else 0.0
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+def soak(minutes: float, work: Path, cache: Path, baseline: Optional[str],
+         scale: str) -> list[str]:
+    """--follow --delete --poll 2 for `minutes` (and `baseline`'s beside it, on servers of its
+    own, at the same time) while SOAK_RATE instances a second arrive on each source in studies
+    of SOAK_STUDY and a study is deleted there every SOAK_DELETE_EVERY seconds: the tool's
+    memory over time and its slope once steady, the lag of each arrival, how long each
+    deletion took to reach the target, the tool's CPU per arrival, the requests each server
+    received in an idle minute at the end, and the save file against the studies it records."""
+    from dicomgen import make_instance, write_dicom
+    from pydicom.uid import generate_uid
+    base = generate("scale20k" if scale == "full" else "tiny", scale, cache)[:400]
+    full = scale == "full"
+    sample_every, steady_from, settle_for, idle_for = (SOAK_SAMPLE, SOAK_STEADY, 15, 60) if full \
+        else (2, 0, 5, 10)
+    soaks = [Soak("this", SCRIPT, work)] + ([Soak("baseline", baseline, work)] if baseline
+                                            else [])
+    lines: list[str] = []
+    try:
+        for run_ in soaks:
+            run_.start(base)
+        started = time.monotonic()
+        duration = minutes * 60
+        arrivals = 0
+        next_delete = started + SOAK_DELETE_EVERY / 2
+        next_sample = started
+        study_uid, series_uid = generate_uid(), generate_uid()
+        while time.monotonic() - started < duration:
+            now = time.monotonic()
+            if now >= next_sample:
+                for run_ in soaks:
+                    run_.sample(now - started)
+                next_sample += sample_every
+            if now >= next_delete:
+                victims = sorted(soaks[0].source.get("/studies"))
+                for run_ in soaks:
+                    run_.delete_one(victims[0])
+                next_delete += SOAK_DELETE_EVERY
+            if arrivals % SOAK_STUDY == 0:
+                study_uid, series_uid = generate_uid(), generate_uid()
+            buffer = io.BytesIO()
+            dataset = make_instance(f"SOAK{arrivals // SOAK_STUDY}", study_uid, series_uid,
+                                    arrivals % SOAK_STUDY + 1, rows=64, columns=64)
+            write_dicom(dataset, buffer)
+            for run_ in soaks:
+                run_.arrive(buffer.getvalue())
+            arrivals += 1
+            time.sleep(max(0.0, started + arrivals / SOAK_RATE - time.monotonic()))
+        time.sleep(settle_for)  # the last arrivals land
+        idle = [run_.requests() for run_ in soaks]
+        time.sleep(idle_for)
+        for run_, before in zip(soaks, idle):
+            after = run_.requests()
+            looks = idle_for / 2  # --poll 2
+            run_.idle = ((after[0] - before[0]) / looks, (after[1] - before[1]) / looks)
+            run_.sample(time.monotonic() - started)
+        lines += ["| script | minutes | arrivals | on the target | RSS first, last | slope after "
+                  "3 min | per 1,000 arrivals | lag p50 / p95 / max | deletions reached the "
+                  "target after | tool CPU per arrival | requests per idle look (source, "
+                  "target) | save file lines, bytes, studies |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
+                  "| ---: |"]
+        for run_ in soaks:
+            steady = [(x, y) for x, y in run_.memory if x >= steady_from]
+            per_second = slope(steady)  # KB a second
+            present = run_.target.instances()
+            landed = sum(1 for instance in run_.arrived if instance in present)
+            lags = run_.lags()
+            text = run_.save.read_text()
+            studies = len({line.split("\t")[1] for line in text.splitlines()
+                           if line.startswith("study\t")})
+            lines.append(
+                f"| {run_.label} | {minutes:g} | {len(run_.arrived)} | {landed} | "
+                f"{run_.memory[0][1] / 1024:.1f}, {run_.memory[-1][1] / 1024:.1f} MB | "
+                f"{per_second * 3600 / 1024:+.2f} MB/h | "
+                f"{per_second / SOAK_RATE * 1000 / 1024:+.3f} MB | "
+                f"{percentile(lags, 0.5):.0f} / {percentile(lags, 0.95):.0f} / "
+                f"{max(lags, default=float('nan')):.0f} s | "
+                f"{', '.join(f'{seconds:.0f} s' for seconds in run_.deletions)} | "
+                f"{run_.cpu / max(1, len(run_.arrived)) * 1000:.1f} ms | "
+                f"{run_.idle[0]:.1f}, {run_.idle[1]:.1f} | "
+                f"{len(text.splitlines())}, {len(text.encode())}, {studies} |")
+            lines.append(f"  {run_.label} RSS samples (minute: MB): " + ", ".join(
+                f"{x / 60:.0f}: {y / 1024:.1f}" for x, y in run_.memory[::6]))
+    finally:
+        for run_ in soaks:
+            run_.stop()
+    return [f"--follow --delete --poll 2 under {SOAK_RATE:g} arrivals a second (studies of "
+            f"{SOAK_STUDY}, 64 x 64), a deletion every {SOAK_DELETE_EVERY / 60:g} min:", ""] + lines
+
+
+YEAR_STUDIES = 125_000  # an archive's studies when the year of following begins
+YEAR_LOOKS = 365 * 10_000  # looks that copied something: 20,000 instances a day, 2 a look
+OPEN_JOURNAL = """
+import resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import replicate
+started = time.monotonic()
+journal = replicate.Journal(replicate.Path(sys.argv[2]), "http://old:8042",
+                            "http://new:8042").open()
+journal.close()
+print(f"{time.monotonic() - started:.2f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
+      f" {len(journal.studies)}")
+"""
+
+
+def save_file_year(work: Path, baseline: Optional[str], scale: str) -> list[str]:
+    """A save file as a year of --follow writes it (YEAR_STUDIES studies, then YEAR_LOOKS looks
+    that each take a study back, mark the log, record the study and the log's position) opened
+    by each script as a restart opens it: seconds, peak RSS, and the file after. Then this
+    script's second restart, on what its first left."""
+    factor = 1 if scale == "full" else 1000
+    path = work / "year.save"
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(f"{replicate.SAVE_MAGIC}\tsource=http://old:8042\ttarget=http://new:8042\n")
+        studies = [f"{number:08x}-00000000-00000000-00000000-00000000"
+                   for number in range(YEAR_STUDIES // factor)]
+        file.writelines(f"study\t{study}\t40\t0\t2025-01-01T00:00:00\t20240101\n"
+                        for study in studies)
+        for look in range(YEAR_LOOKS // factor):
+            study = studies[-1 - (look // 10) % len(studies)]
+            file.write(f"redo\t{study}\nmark\t{look * 8}\t{study}\n"
+                       f"study\t{study}\t40\t0\t2025-06-01T00:00:00\t20250601\n"
+                       f"changes\t{look * 8}\n")
+    original = path.read_bytes()
+    lines = ["| script | restart | lines before | seconds | peak RSS | lines after | bytes after |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label, script in (("baseline", baseline), ("this", SCRIPT)):
+        if script is None:
+            continue
+        path.write_bytes(original)
+        for restart in ("first", "second") if label == "this" else ("first",):
+            before = len(path.read_bytes().splitlines())
+            answer = subprocess.run([sys.executable, "-c", OPEN_JOURNAL,
+                                     str(Path(script).resolve().parent), str(path)],
+                                    capture_output=True, text=True, check=True)
+            seconds, rss, _ = answer.stdout.split()
+            after = path.read_bytes()
+            lines.append(f"| {label} | {restart} | {before:,} | {seconds} s | "
+                         f"{int(rss) / 1024:.0f} MB | {len(after.splitlines()):,} | "
+                         f"{len(after):,} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    path.unlink()
+    return [f"a save file of a year of --follow ({YEAR_STUDIES // factor:,} studies, "
+            f"{YEAR_LOOKS // factor:,} looks that copied something), opened by a restart:",
+            ""] + lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="replicate.py against Orthanc's push")
     parser.add_argument("--corpora",
                         default="mixed,tiny,big,scale20k,scale,onestudy,wan,capped,check",
                         help="comma-separated; wan is the cases across a distant link, capped "
                              "those into a target larger than this machine, check the --check "
-                             "of the scale corpus (default: all)")
+                             "of the scale corpus, soak a --follow under arrivals for "
+                             "--minutes, savefile a restart on a year of following (these two "
+                             "not in the default) (default: all but soak and savefile)")
+    parser.add_argument("--minutes", type=float, default=20.0,
+                        help="how long the soak part follows (default: 20)")
     parser.add_argument("--baseline", default=None, metavar="SCRIPT",
                         help="another version's replicate.py, timed beside this one in the "
                              "capped and check parts (default: none)")
@@ -750,7 +1014,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="replicate-bench-run-"))
     try:
         corpora = args.corpora.split(",")
-        local = [corpus for corpus in corpora if corpus not in ("wan", "check", "capped")]
+        local = [corpus for corpus in corpora
+                 if corpus not in ("wan", "check", "capped", "soak", "savefile")]
         lines = run(local, args.repeat, args.scale, work, Path(args.cache)) if local else []
         if "wan" in corpora:
             lines += [""] + wan(args.scale, work, Path(args.cache))
@@ -759,6 +1024,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    args.repeat)
         if "check" in corpora:
             lines += [""] + checks(args.scale, work, Path(args.cache), args.baseline)
+        if "savefile" in corpora:
+            lines += [""] + save_file_year(work, args.baseline, args.scale)
+        if "soak" in corpora:
+            lines += [""] + soak(args.minutes, work, Path(args.cache), args.baseline,
+                                 args.scale)
         for line in lines:
             print(line, flush=True)
     finally:

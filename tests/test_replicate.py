@@ -479,6 +479,22 @@ def test_benchmark_smoke(tmp_path) -> None:
                                          order[0]), order
 
 
+def test_benchmark_soak_and_save_file_smoke(tmp_path) -> None:
+    """The soak part (a --follow under arrivals) and the year-old save file's restart, at
+    seconds scale: each prints its row, every arrival landed, and a restart compacts."""
+    import benchmark
+    lines = benchmark.soak(0.4, tmp_path / "work", tmp_path / "cache", None, "smoke")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines
+            if line.startswith("| this")]
+    assert len(rows) == 1 and rows[0][2] == rows[0][3] and int(rows[0][2]) > 20, lines
+    lines = benchmark.save_file_year(tmp_path, None, "smoke")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines
+            if line.startswith("| this")]
+    assert [row[1] for row in rows] == ["first", "second"], lines
+    assert int(rows[0][5].replace(",", "")) == int(rows[1][2].replace(",", "")) < \
+        int(rows[0][2].replace(",", "")) // 10, lines
+
+
 def test_benchmark_wan_smoke(tmp_path) -> None:
     """The benchmark's part across a distant link, at seconds scale: every case copies (each
     copy is checked by MD5) and is printed with its floor and the push's time."""
