@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import requests
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -784,12 +786,17 @@ class Soak:
                                    timeout=60).raise_for_status()
         started = time.monotonic()
 
-        def watch() -> None:
+        def watch() -> None:  # a session of its own: requests' are not shared by threads
+            session = self.target.new_session()
+            session.auth = BENCH_USER
             while time.monotonic() - started < 600:
-                if self.target.session.get(f"{self.target.url}/studies/{study}",
-                                           timeout=60).status_code == 404:
-                    self.deletions.append(time.monotonic() - started)
-                    return
+                try:
+                    if session.get(f"{self.target.url}/studies/{study}",
+                                   timeout=60).status_code == 404:
+                        self.deletions.append(time.monotonic() - started)
+                        return
+                except requests.ConnectionError:
+                    pass  # a kept-alive connection the server closed: asked again
                 time.sleep(1)
             self.deletions.append(float("inf"))
         threading.Thread(target=watch, daemon=True).start()
@@ -898,7 +905,8 @@ def soak(minutes: float, work: Path, cache: Path, baseline: Optional[str],
             looks = idle_for / 2  # --poll 2
             run_.idle = ((after[0] - before[0]) / looks, (after[1] - before[1]) / looks)
             run_.sample(time.monotonic() - started)
-        lines += ["| script | minutes | arrivals | on the target | RSS first, last | slope after "
+        lines += ["| script | minutes | arrivals | on the target, of those the source kept | "
+                  "RSS first, last | slope after "
                   "3 min | per 1,000 arrivals | lag p50 / p95 / max | deletions reached the "
                   "target after | tool CPU per arrival | requests per idle look (source, "
                   "target) | save file lines, bytes, studies |",
@@ -907,14 +915,15 @@ def soak(minutes: float, work: Path, cache: Path, baseline: Optional[str],
         for run_ in soaks:
             steady = [(x, y) for x, y in run_.memory if x >= steady_from]
             per_second = slope(steady)  # KB a second
-            present = run_.target.instances()
+            present, kept = run_.target.instances(), run_.source.instances()
             landed = sum(1 for instance in run_.arrived if instance in present)
+            wanted = sum(1 for instance in run_.arrived if instance in kept)
             lags = run_.lags()
             text = run_.save.read_text()
             studies = len({line.split("\t")[1] for line in text.splitlines()
                            if line.startswith("study\t")})
             lines.append(
-                f"| {run_.label} | {minutes:g} | {len(run_.arrived)} | {landed} | "
+                f"| {run_.label} | {minutes:g} | {len(run_.arrived)} | {landed} of {wanted} | "
                 f"{run_.memory[0][1] / 1024:.1f}, {run_.memory[-1][1] / 1024:.1f} MB | "
                 f"{per_second * 3600 / 1024:+.2f} MB/h | "
                 f"{per_second / SOAK_RATE * 1000 / 1024:+.3f} MB | "
@@ -936,16 +945,16 @@ def soak(minutes: float, work: Path, cache: Path, baseline: Optional[str],
 YEAR_STUDIES = 125_000  # an archive's studies when the year of following begins
 YEAR_LOOKS = 365 * 10_000  # looks that copied something: 20,000 instances a day, 2 a look
 OPEN_JOURNAL = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, sys.argv[1])
 import replicate
 started = time.monotonic()
 journal = replicate.Journal(replicate.Path(sys.argv[2]), "http://old:8042",
                             "http://new:8042").open()
 journal.close()
-print(f"{time.monotonic() - started:.2f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
-      f" {len(journal.studies)}")
-"""
+peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(f"{time.monotonic() - started:.2f} {peak} {len(journal.studies)}")
+"""  # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's, which holds the file
 
 
 def save_file_year(work: Path, baseline: Optional[str], scale: str) -> list[str]:
