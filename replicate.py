@@ -750,9 +750,17 @@ def parse_header(text: str, option: str, environ: dict) -> tuple[str, "str | Hea
         if variable not in environ:
             raise UsageError(f"{option} {name}: the environment variable {variable} is not set")
         value = environ[variable].strip()
+    try:
+        return name, one_line(value)
+    except ValueError as problem:
+        raise UsageError(f"{option} {name}: {problem}") from None
+
+
+def one_line(value: str) -> str:
+    """A header's value, which must be one line and not empty (ValueError)."""
     if not value or "\n" in value or "\r" in value:
-        raise UsageError(f"{option} {name}: the value is empty or spans several lines")
-    return name, value
+        raise ValueError("the value is empty or spans several lines")
+    return value
 
 
 class HeaderFile:
@@ -776,9 +784,7 @@ class HeaderFile:
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"cannot read {self.path}: "
                              f"{getattr(error, 'strerror', None) or 'not text'}") from None
-        if not value or "\n" in value or "\r" in value:
-            raise ValueError("the value is empty or spans several lines")
-        return (state.st_mtime_ns, state.st_size, state.st_ino), value
+        return (state.st_mtime_ns, state.st_size, state.st_ino), one_line(value)
 
     def current(self) -> str:
         with self.lock:
