@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pydicom.uid import generate_uid
 
@@ -33,9 +34,11 @@ class Once:
     `armed` False passes everything on."""
 
     def __init__(self, method: str, pattern: str, answer: Answer, nth: int = 1,
-                 every_after: bool = False) -> None:
+                 every_after: bool = False,
+                 until: Optional[Callable[[], bool]] = None) -> None:
         self.method, self.pattern, self.answer = method, re.compile(pattern), answer
         self.nth, self.every_after, self.seen, self.armed = nth, every_after, 0, True
+        self.until = until  # a hit answers once this holds (waited for, 60 s at most)
         self.lock = threading.Lock()
 
     def __call__(self, method: str, path: str) -> Optional[Answer]:
@@ -44,15 +47,22 @@ class Once:
         with self.lock:
             self.seen += 1
             hit = self.seen == self.nth or (self.every_after and self.seen > self.nth)
+        if hit and self.until is not None:
+            deadline = time.monotonic() + 60
+            while not self.until() and time.monotonic() < deadline:
+                time.sleep(0.02)
         return self.answer if hit else None
 
 
 # ---- what ends the run, and how cleanly -----------------------------------------------------
 def test_a_proxys_html_page_to_a_check_stops_the_run_with_what_was_asked(
         source, target, tmp_path, capsys) -> None:
-    rule = Once("GET", r"/studies/[0-9a-f-]+/instances", (200, "text/html", HTML), nth=3)
-    proxy = AnswerProxy(source.port, rule)
     save = tmp_path / "save"
+    # the page comes once a study was journaled: the walk has something in flight to drain
+    # however slowly this machine uploads
+    rule = Once("GET", r"/studies/[0-9a-f-]+/instances", (200, "text/html", HTML), nth=3,
+                until=lambda: save.exists() and bool(journal_studies(save)))
+    proxy = AnswerProxy(source.port, rule)
     try:
         code, out, err = run(capsys, urls(proxy.url, target.url, save, "--threads", "1",
                                           "--order", "source"))
