@@ -39,6 +39,7 @@ import contextlib
 import csv
 import ctypes
 import getpass
+import hashlib
 import http.client
 import io
 import itertools
@@ -155,6 +156,7 @@ USER_MIN = 1024
 SYSTEM_ATTACHMENTS = frozenset(["dicom", "dicom-as-json", "dicom-until-pixel-data"])
 CHANGES_PAGE = 10000
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
+DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 # Orthanc's error codes about a stored file, which no retry mends: InexistentFile,
@@ -338,6 +340,8 @@ class Config:
     recheck: bool = False
     delete: bool = False  # remove from the target what this tool copied and the source lost
     max_delete: Optional[int] = None  # --delete deletes nothing when more is pending
+    accept: Optional["Accepted"] = None  # instances accepted as unreadable on the source
+    verify_sample: float = 100.0  # --verify: % of studies whose re-encoded pixels are compared
     check: bool = False  # compare only: write nothing anywhere
     csv: Optional[Path] = None  # --check: every difference, as CSV
 
@@ -382,6 +386,8 @@ class StudyCheck:
     vanished: int = 0  # listed by the source, then gone before their size was read
     gone: bool = False  # the study itself is no longer on the source
     extra: list[str] = field(default_factory=list)  # instances only the target has
+    # --check: missing instances the source cannot serve as it received them, and why
+    unreadable: list[tuple[Instance, str]] = field(default_factory=list)
     # --check, a study that differs: what a person knows it by (see study_tags), and each
     # differing instance's (SeriesInstanceUID, SOPInstanceUID)
     tags: dict[str, str] = field(default_factory=dict)
@@ -389,7 +395,7 @@ class StudyCheck:
 
     @property
     def instances(self) -> int:
-        return len(self.missing) + self.present + self.vanished
+        return len(self.missing) + len(self.unreadable) + self.present + self.vanished
 
 
 @dataclass
@@ -454,8 +460,11 @@ class Outcome:
     stopped_on_failure: bool = False
     target_full: Optional[BaseException] = None  # why the run stopped for the target's storage
     verified: Optional[int] = None  # instances --verify compared, None without --verify
+    verified_by: Counter[str] = field(default_factory=Counter)  # by how (see COMPARED)
     verify_problems: list[tuple[str, str]] = field(default_factory=list)
-    verify_md5: bool = True  # False: the target transcodes, --verify looked for presence only
+    # (instance, study, why, accepted by --accept): what the source cannot serve as it
+    # received it (see Unreadable)
+    unreadable: list[tuple[str, str, str, bool]] = field(default_factory=list)
     metadata_written: int = 0
     checks_max: int = 0  # study checks in flight at most
     studies_max: int = 0  # studies in flight at most: being checked, or instances travelling
@@ -473,6 +482,11 @@ class Outcome:
     paused: float = 0.0  # seconds --bwlimit's timetable paused the run
     exit_status: int = EXIT_OK  # the command's (see the module's docstring)
     error: Optional[str] = None  # the line that says why an error ended the run, if one did
+
+    @property
+    def unaccepted(self) -> int:
+        """Instances unreadable on the source that --accept does not accept."""
+        return sum(not accepted for *_, accepted in self.unreadable)
 
     @property
     def already_there(self) -> int:
@@ -1498,7 +1512,8 @@ def study_tags(server: OrthancClient, study: str) -> dict[str, str]:
 
 
 def described_check(source: OrthancClient, target: OrthancClient, study: str, on_target: bool,
-                    pool: ThreadPoolExecutor, uids: bool) -> StudyCheck:
+                    pool: ThreadPoolExecutor, uids: bool,
+                    accepted: Optional[Accepted] = None) -> StudyCheck:
     """check_study for --check, with what a person knows a difference by: the study's tags
     (one request) and, with `uids` (for --csv), each differing instance's SeriesInstanceUID
     and SOPInstanceUID (at most a request for the source's series and one for each target
@@ -1511,6 +1526,18 @@ def described_check(source: OrthancClient, target: OrthancClient, study: str, on
     check = check_study(source, target, study, on_target, seen if uids else None)
     if check.gone or not (check.missing or check.extra):
         return check
+    # Of what the target lacks, what the source can no longer serve: the instances missing
+    # from a study the target holds (a copy went through it) and those --accept lists. A
+    # study not copied yet costs no file read.
+    suspects = [instance for instance in check.missing
+                if on_target or (accepted is not None and instance.id in accepted)]
+    faults = [pool.submit(source_fault, source, instance.id) for instance in suspects]
+    for instance, fault in zip(suspects, faults):
+        if fault.result() is not None:
+            check.unreadable.append((instance, fault.result()))
+    if check.unreadable:
+        unreadable = {instance.id for instance, _ in check.unreadable}
+        check.missing = [instance for instance in check.missing if instance.id not in unreadable]
     tags = tags or pool.submit(study_tags, source, study)
     if not uids:
         check.tags = tags.result()
@@ -1531,7 +1558,8 @@ def described_check(source: OrthancClient, target: OrthancClient, study: str, on
         seen.series.update(series.series)
     check.tags = tags.result()
     check.uids = {instance: seen.uids(instance) for instance in itertools.chain(
-        (instance.id for instance in check.missing), check.extra)}
+        (instance.id for instance in check.missing), check.extra,
+        (instance.id for instance, _ in check.unreadable))}
     return check
 
 
@@ -2713,7 +2741,9 @@ class Copier:
                         and error.status == 404 and self.vanished(instance):
                     result.vanished.append(instance)
                 else:
-                    result.failed.append((instance, error))
+                    fault = upload_fault(self.source, instance.id, error)
+                    result.failed.append((instance, error if fault is None else
+                                          Unreadable(fault)))
                 continue
             status = answer.get("Status") if isinstance(answer, dict) else None
             if status in STORED_STATUSES and answer.get("ID") not in (None, instance.id):
@@ -3294,7 +3324,7 @@ class Walk:
             if self.describing is not None:
                 return guarded(f"check of study {study}", lambda: described_check(
                     self.copier.source, self.copier.target, study, on_target, self.describing,
-                    self.config.csv is not None))
+                    self.config.csv is not None, self.config.accept))
             return guarded(f"check of study {study}", lambda: check_study(
                 self.copier.source, self.copier.target, study, on_target))
         finally:
@@ -3306,7 +3336,8 @@ class Walk:
         target cannot store, on an error that ends the run (`broken`), or on a stop. What is
         in flight lands; batches fetched but waiting for room to upload stay for a re-run."""
         outcome = self.outcome
-        if outcome.target_full or (outcome.failed and not self.config.ignore_errors):
+        if outcome.target_full or ((outcome.failed or outcome.unaccepted)
+                                   and not self.config.ignore_errors):
             outcome.stopped_on_failure = True
         if outcome.stopped_on_failure or self.broken is not None:
             self.copier.uploads.halt()
@@ -3333,12 +3364,16 @@ class Walk:
             return
         outcome.studies_checked += 1
         outcome.present += check.present
+        for instance, reason in check.unreadable:
+            outcome.unreadable.append((instance.id, study, reason, self.config.accept is not None
+                                       and instance.id in self.config.accept))
         outcome.vanished += check.vanished
         missing_bytes = sum(instance.size for instance in check.missing)
         outcome.missing += len(check.missing)
         outcome.missing_bytes += missing_bytes
         outcome.studies_missing += bool(check.missing)
-        self.progress.advance(check.present + check.vanished, self.progress_text)
+        self.progress.advance(check.present + check.vanished + len(check.unreadable),
+                              self.progress_text)
         if self.observe is not None:
             self.observe(study, check)
         if check.gone:
@@ -3380,13 +3415,20 @@ class Walk:
         outcome.already += len(result.already)
         outcome.vanished += len(result.vanished)
         for instance, error in result.failed:
+            open_studies[instance.study][3] = True
+            if isinstance(error, Unreadable):
+                accepted = self.config.accept is not None and instance.id in self.config.accept
+                outcome.unreadable.append((instance.id, instance.study, error.reason, accepted))
+                log.log(logging.INFO if accepted else logging.ERROR,
+                        "unreadable on the source: instance %s (study %s): %s%s", instance.id,
+                        instance.study, error.reason, " (accepted)" if accepted else "")
+                continue
             outcome.failed.append((instance.id, describe_error(error)))
             if isinstance(error, HttpStatusError) and error.role == "target" \
                     and error.status == 413:  # a proxy's body limit
                 outcome.too_large.append(instance.size)
             if outcome.target_full is None and target_cannot_store(error):
                 outcome.target_full = error
-            open_studies[instance.study][3] = True
             log.error("copy failed: instance %s (study %s): %s", instance.id,
                       instance.study, describe_error(error))
         # Instances that ended, counted by study (a batch holds a few studies, in order).
@@ -3414,6 +3456,8 @@ class Walk:
         return ((f"{reached}, " if reached else "")
                 + f"{format_count(outcome.copied)} copied, {format_bytes(outcome.copied_bytes)}"
                 + (f", {format_count(len(outcome.failed))} failed" if outcome.failed else "")
+                + (f", {format_count(len(outcome.unreadable))} unreadable on the source"
+                   if outcome.unreadable else "")
                 + f", {plural(self.copier.uploads.limit, 'upload')} at once"
                 + ("" if limiter is None else ", no bandwidth limit now"
                    if limiter.in_force is None else f", limit {describe_rate(limiter.in_force)}"))
@@ -3489,10 +3533,13 @@ def preflight(source: OrthancClient, target: OrthancClient, metadata: bool,
                             f"\"{system.get('MaximumStorageMode')}\"): {problem}; the copy "
                             "will stop there")
     transcoding = system.get("IngestTranscoding")
-    if transcoding:
-        warnings.append(f"the target transcodes what it receives to {transcoding} "
-                        "(IngestTranscoding): its files will differ from the source's, so "
-                        "--verify checks that each instance is there, not its MD5")
+    if transcoding and transcoding not in LOSSLESS_SYNTAXES:
+        raise TargetRefused(
+            f"target {target.endpoint.url} re-encodes what it receives to {transcoding} "
+            "(IngestTranscoding), a lossy syntax: it gives each instance a new "
+            "SOPInstanceUID, so no copy can be matched to its original and every run would "
+            "store it again; set IngestTranscoding to a lossless syntax (JPEG-LS lossless is "
+            "1.2.840.10008.1.2.4.80) or remove it, and restart the target")
     declared, accepted = source.system.get("UserMetadata"), system.get("UserMetadata")
     if metadata and isinstance(declared, dict) and isinstance(accepted, dict):
         lacking = sorted(name for name in declared if name not in accepted
@@ -3601,8 +3648,9 @@ class Confirmation:
 YEAR_FIRST = 1900  # years before this one are counted together, and those after the next one
 NO_DATE = "no date"
 YEAR_COLUMNS = ("source_studies", "source_instances", "target_studies", "target_instances",
-                "missing_studies", "missing_instances", "extra_studies", "extra_instances",
-                "trusted_studies")
+                "missing_studies", "missing_instances", "unreadable_studies",
+                "unreadable_instances", "extra_studies", "extra_instances", "trusted_studies")
+YEAR_SIDES = ("source", "target", "missing", "unreadable", "extra")
 
 
 def year_label(date: str) -> str:
@@ -3616,7 +3664,8 @@ def year_label(date: str) -> str:
 
 class YearTable:
     """--check: studies and instances by year of StudyDate on the source, on the target,
-    missing from the target, only on the target, and the studies taken on trust: the table
+    missing from the target, unreadable on the source (and so missing from the target), only
+    on the target, and the studies taken on trust: the table
     an administrator signs. A study counts in its year on the source (one only the target
     has, in its year there), each once in the studies columns. Its year is the StudyDate the
     save file gives (of studies an --order walk copied), or read beside the walk (`look_up`),
@@ -3625,7 +3674,7 @@ class YearTable:
     def __init__(self, dates: Optional[dict[str, str]] = None) -> None:
         self.dates = dates or {}  # study -> StudyDate, from the save file
         self.years: Optional[Future[dict[str, str]]] = None  # study -> row, being read
-        self.waiting: list[tuple[str, tuple[int, int, int, int, bool]]] = []
+        self.waiting: list[tuple[str, tuple[int, int, int, int, int, bool]]] = []
         self.rows: dict[str, Counter[str]] = {}
 
     def look_up(self, pool: ThreadPoolExecutor, source: OrthancClient, studies: list[str],
@@ -3643,8 +3692,8 @@ class YearTable:
         self.years = pool.submit(read)
 
     def add(self, study: str, source: int, target: int, missing: int = 0, extra: int = 0,
-            trusted: bool = False, row: Optional[str] = None) -> None:
-        counts = (source, target, missing, extra, trusted)
+            trusted: bool = False, row: Optional[str] = None, unreadable: int = 0) -> None:
+        counts = (source, target, missing, unreadable, extra, trusted)
         date = self.dates.get(study) if row is None else None
         if row is not None or date is not None:
             self.count(row or year_label(date or ""), *counts)
@@ -3661,11 +3710,10 @@ class YearTable:
         for study, counts in waiting:
             self.count(years.get(study, NO_DATE), *counts)
 
-    def count(self, row: str, source: int, target: int, missing: int, extra: int,
-              trusted: bool) -> None:
+    def count(self, row: str, source: int, target: int, missing: int, unreadable: int,
+              extra: int, trusted: bool) -> None:
         counts = self.rows.setdefault(row, Counter())
-        for side, count in (("source", source), ("target", target), ("missing", missing),
-                            ("extra", extra)):
+        for side, count in zip(YEAR_SIDES, (source, target, missing, unreadable, extra)):
             if count:
                 counts[f"{side}_studies"] += 1
                 counts[f"{side}_instances"] += count
@@ -3683,12 +3731,13 @@ class YearTable:
 
     def lines(self) -> list[str]:
         """The table as --check prints it: studies / instances in each column."""
-        header = ["year", "source", "target", "missing", "only target", "on trust"]
+        header = ["year", "source", "target", "missing", "unreadable", "only target",
+                  "on trust"]
         body = [[record["year"]] + [f"{format_count(record[f'{side}_studies'])} / "
                                     f"{format_count(record[f'{side}_instances'])}"
-                                    for side in ("source", "target", "missing", "extra")]
+                                    for side in YEAR_SIDES]
             + [format_count(record["trusted_studies"])] for record in self.records()]
-        widths = [max(len(row[column]) for row in [header] + body) for column in range(6)]
+        widths = [max(len(row[column]) for row in [header] + body) for column in range(7)]
         return ["By year of StudyDate (studies / instances):"] + [
             "  " + "  ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
                              for column, (cell, width) in enumerate(zip(row, widths)))
@@ -3785,11 +3834,12 @@ class Differences:
             self.csv.writerow(CSV_COLUMNS)
 
     def add(self, study: str, tags: dict[str, str], found: dict[str, list[str]],
-            detail: dict[str, str], uids: Optional[dict[str, tuple[str, str]]] = None) -> None:
+            detail: dict[str, str], uids: Optional[dict[str, tuple[str, str]]] = None,
+            reasons: Optional[dict[str, str]] = None) -> None:
         """One study's differences: kind -> instance IDs (kind `extra-study` with no IDs for a
-        study only the target has), with a detail by kind; `uids`: each instance's
-        SeriesInstanceUID and SOPInstanceUID, where known."""
-        uids = uids or {}
+        study only the target has), with a detail by kind, or by instance (`reasons`);
+        `uids`: each instance's SeriesInstanceUID and SOPInstanceUID, where known."""
+        uids, reasons = uids or {}, reasons or {}
         record = {"study": study, **tags}
         for kind, instances in found.items():
             if not instances and kind != "extra-study":
@@ -3801,9 +3851,12 @@ class Differences:
                 for instance in instances or [""]:
                     self.csv.writerow([kind, tags["patient_id"], tags["study_date"],
                                        tags["study_instance_uid"], study, instance,
-                                       *uids.get(instance, ("", "")), detail.get(kind, "")])
+                                       *uids.get(instance, ("", "")),
+                                       reasons.get(instance, detail.get(kind, ""))])
         if detail:
             record["detail"] = detail
+        if reasons:
+            record["reasons"] = reasons
         self.spool.write(json.dumps(record) + "\n")
 
     def records(self) -> Iterator[str]:
@@ -3867,14 +3920,17 @@ class Mirror:
         if self.context.config.delete and check.extra and study in self.context.journal.known:
             self.removals.append(Removal(study, False, check.extra))
         if self.years is not None and not check.gone:
-            self.years.add(study, check.present + len(check.missing),
-                           check.present + len(check.extra), len(check.missing), len(check.extra))
-        if self.differences is not None and (check.missing or check.extra):
+            self.years.add(study, check.instances - check.vanished,
+                           check.present + len(check.extra), len(check.missing), len(check.extra),
+                           unreadable=len(check.unreadable))
+        if self.differences is not None and (check.missing or check.extra or check.unreadable):
             self.differences.add(study, check.tags,
                                  {"missing": [instance.id for instance in check.missing],
-                                  "extra": check.extra},
+                                  "extra": check.extra,
+                                  "unreadable": [instance.id for instance, _ in check.unreadable]},
                                  {"missing": "the target lacks it",
-                                  "extra": "the target has it, the source does not"}, check.uids)
+                                  "extra": "the target has it, the source does not"}, check.uids,
+                                 {instance.id: reason for instance, reason in check.unreadable})
 
     def trusted(self, study: str, instances: int) -> None:
         """A study the save file lets the walk skip: complete on the target."""
@@ -3977,57 +4033,318 @@ class Mirror:
         self.reader.shutdown(wait=False, cancel_futures=True)
 
 
+# ---- unreadable on the source: --accept -----------------------------------------------------
+# Orthanc's error codes for a stored file it cannot read: InexistentFile, CorruptedFile,
+# RegularFileExpected (the file is gone from its storage folder).
+SOURCE_FILE_ERRORS = frozenset([13, 20, 2006])
+BAD_FILE_FORMAT = 15  # Orthanc's code for a body that is not DICOM
+NO_LONGER_MATCHES = "its file no longer matches the MD5 the source recorded when it received it"
+
+
+class Unreadable(Exception):
+    """The source cannot serve an instance as it received it: its stored file is missing or
+    damaged, or the bytes it serves are not what it recorded. The source's fault, not the
+    copy's: counted apart from failures, and --accept can accept it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"unreadable on the source: {reason}")
+
+
+def unreadable_reason(error: BaseException) -> Optional[str]:
+    """Why an error to a file's download says the source cannot read the file, or None."""
+    cause = error.cause if isinstance(error, GaveUp) else error
+    if isinstance(cause, HttpStatusError) and cause.role == "source" \
+            and cause.orthanc_status in SOURCE_FILE_ERRORS:
+        return f"the source cannot read its file (HTTP {cause.status}: {cause.detail})"
+    return None
+
+
+def source_fault(source: OrthancClient, instance_id: str) -> Optional[str]:
+    """Why the source's stored file is not the one it received, or None when it is or the
+    source cannot tell (a server or proxy without the request). POST .../verify-md5 reads
+    the file and compares it with the MD5 recorded at reception; it changes nothing."""
+    try:
+        source.request("POST", f"/instances/{instance_id}/attachments/dicom/verify-md5",
+                       data=b"", read="bytes")
+    except HttpStatusError as error:
+        if error.orthanc_status in SOURCE_FILE_ERRORS:
+            return unreadable_reason(error)
+        if error.status == 400 and error.orthanc_status is None:  # Orthanc's "no match"
+            return NO_LONGER_MATCHES
+    return None
+
+
+def upload_fault(source: OrthancClient, instance: str, error: BaseException) -> Optional[str]:
+    """Why a failed copy of one instance is the source's fault: it could not read the file,
+    or the target found the bytes it served not DICOM and the source's file no longer
+    matches what it received. None: an ordinary failure."""
+    reason = unreadable_reason(error)
+    if reason is None and isinstance(error, HttpStatusError) and error.role == "target" \
+            and error.orthanc_status == BAD_FILE_FORMAT:
+        reason = source_fault(source, instance)
+    return reason
+
+
+class Accepted:
+    """--accept FILE: instances accepted as unreadable on the source. The file is what
+    --report wrote (its "unreadable" list), what --check --csv wrote (its "unreadable"
+    lines), or a list: an Orthanc instance ID or a SOPInstanceUID a line, `#` comments. An
+    instance counts as accepted only while the source still cannot serve it."""
+
+    def __init__(self, path: Path, ids: set[str], uids: set[str]) -> None:
+        self.path, self.ids, self.uids = path, ids, uids
+
+    @classmethod
+    def read(cls, path: Path) -> "Accepted":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--accept {path}: {getattr(error, 'strerror', None) or error}"
+                             ) from None
+        ids, uids = set(), set()
+        if text.lstrip().startswith("{"):
+            try:
+                entries = json.loads(text).get("unreadable") or []
+                ids = {entry["id"] for entry in entries}
+            except (ValueError, AttributeError, TypeError, KeyError):
+                raise UsageError(f"--accept {path}: a JSON file that is not a report of this "
+                                 "tool (no \"unreadable\" list of {\"id\": ...})") from None
+        elif text.startswith(CSV_COLUMNS[0] + ","):
+            rows = csv.DictReader(io.StringIO(text))
+            ids = {row["instance"] for row in rows if row.get("difference") == "unreadable"}
+        else:
+            for number, line in enumerate(text.splitlines(), start=1):
+                word = line.split("#", 1)[0].strip()
+                if ORTHANC_ID.fullmatch(word):
+                    ids.add(word)
+                elif DICOM_UID.fullmatch(word):
+                    uids.add(word)
+                elif word:
+                    raise UsageError(f"--accept {path}, line {number}: {word[:40]!r} is neither "
+                                     "an Orthanc instance ID nor a SOPInstanceUID")
+        return cls(path, ids, uids)
+
+    def resolve(self, source: OrthancClient, threads: int) -> None:
+        """The listed SOPInstanceUIDs as the source's instance IDs (one lookup each)."""
+        def look(uid: str) -> list[str]:
+            found = source.request("POST", "/tools/lookup", data=uid.encode())
+            return [record["ID"] for record in found if record.get("Type") == "Instance"]
+        for ids in parallel_map(look, sorted(self.uids), threads):
+            self.ids.update(ids)
+        self.uids = set()
+
+    def __contains__(self, instance: str) -> bool:
+        return instance in self.ids
+
+
+def unreadable_lines(outcome: Outcome) -> list[str]:
+    """stderr's list of the instances the source could not serve, at the end of a run."""
+    return [f"  instance {instance} (study {study}): {reason}"
+            + (" (accepted by --accept)" if accepted else "")
+            for instance, study, reason, accepted in outcome.unreadable]
+
+
 # ---- verification: --verify -----------------------------------------------------------------
+# Transfer syntaxes whose decoded pixels are those the file was made from: uncompressed,
+# deflated, RLE, JPEG lossless, JPEG-LS lossless, JPEG 2000 lossless, HTJ2K lossless. Any
+# other (JPEG baseline, JPEG-LS near-lossless, JPEG 2000, video...) counts as lossy: its
+# decoded pixels depend on the decoder, so only its tags are compared.
+LOSSLESS_SYNTAXES = frozenset([
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202"])
+PIXEL_DATA, NUMBER_OF_FRAMES = "7fe0,0010", "0028,0008"
+# How --verify compared an instance, as the summary says it
+COMPARED = {"md5": "by MD5",
+            "pixels": "re-encoded: tags and pixels",
+            "lossy": "re-encoded with a lossy syntax: tags only",
+            "no_pixels": "re-encoded: tags only (Orthanc before 1.10 decodes no pixels)",
+            "sampled_out": "re-encoded: tags only (outside --verify-sample)"}
+
+
+@dataclass
+class Verdict:
+    """What --verify found of one instance: how it compared it (a key of COMPARED; None:
+    not compared), what differs on the target, or why the source's own file is at fault."""
+
+    how: Optional[str] = None
+    problem: Optional[str] = None
+    fault: Optional[str] = None
+    vanished: bool = False  # gone from the source meanwhile
+
+
+def kept_tags(tags: dict) -> dict:
+    """What a re-encoding keeps of an instance's tags (Orthanc's /tags): all but the file's
+    meta information (group 0002) and the pixel data."""
+    return {tag: value for tag, value in tags.items()
+            if not tag.startswith("0002,") and tag != PIXEL_DATA}
+
+
+def tags_differ(source: dict, target: dict) -> list[str]:
+    """The tags (with their names) whose values differ, in order."""
+    return [f"{tag} {(source.get(tag) or target.get(tag) or {}).get('Name', '')}".strip()
+            for tag in sorted(set(source) | set(target)) if source.get(tag) != target.get(tag)]
+
+
+def read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        block = read(size - len(data))
+        if not block:
+            raise ValueError("cut short")
+        data += block
+    return data
+
+
+def npy_digest(read: Callable[[int], bytes], digest: Any) -> None:
+    """Feed `digest` with the decoded pixels a .npy answer (Orthanc's /numpy) holds: their
+    type and shape, then the array, a block at a time. Raises ValueError for another
+    format."""
+    head = read_exactly(read, 10)
+    if head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3):
+        raise ValueError("not a .npy file")
+    size = struct.unpack("<H", head[8:10])[0] if head[6] == 1 else \
+        struct.unpack("<I", head[8:10] + read_exactly(read, 2))[0]
+    text = read_exactly(read, size).decode("latin-1")
+    fields = dict(re.findall(r"'(\w+)':\s*('[^']*'|\([^)]*\)|True|False)", text))
+    if not {"descr", "shape"} <= fields.keys():
+        raise ValueError("a .npy header without its type or shape")
+    shape = tuple(int(number) for number in re.findall(r"\d+", fields["shape"]))
+    digest.update(repr((fields["descr"], fields.get("fortran_order"), shape)).encode())
+    while block := read(CHUNK_SIZE):
+        digest.update(block)
+
+
+def pixel_digest(server: OrthancClient, instance_id: str, frames: int) -> str:
+    """A digest of an instance's decoded pixels, frame by frame (Orthanc 1.10+ decodes a
+    frame into .npy without rescaling), computed as each answer streams in."""
+    def once() -> str:
+        digest = hashlib.sha256()
+        for frame in range(frames):
+            path = f"/instances/{instance_id}/frames/{frame}/numpy"
+            response = server.request("GET", f"{path}?rescale=0", read="stream", retry=False)
+            try:
+                npy_digest(partial(response.read, decode_content=True), digest)
+            except ValueError as error:
+                discard(response)
+                raise UnexpectedAnswer(server.role, "GET", path, str(error)) from None
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                discard(response)
+                raise TransportError(server.role, "GET", path, CUT_SHORT) from error
+            response.release_conn()
+        return digest.hexdigest()
+    return call_with_retries(once, f"{server.role} pixels of instance {instance_id}",
+                             server.policy, server.stop)
+
+
+def verify_instance(source: OrthancClient, target: OrthancClient, instance_id: str,
+                    pixels: bool) -> Verdict:
+    """Compare one instance on both servers. Stored files of the same transfer syntax by the
+    MD5 each server recorded (nothing is read); a file the target re-encoded (another
+    syntax, whatever its settings say) by what an encoding keeps: its tags and, when both
+    syntaxes are lossless, both servers decode pixels (1.10+) and `pixels` (the study is in
+    --verify-sample), its decoded pixels. Whatever differs, or is re-encoded with its pixels
+    compared, the source is asked whether its file is still the one it received."""
+    expected = source.md5(instance_id)
+    if expected is None:
+        return Verdict(vanished=True)
+    found = target.md5(instance_id)
+    if found is None:
+        return Verdict(problem="missing on the target")
+    if found == expected:
+        return Verdict("md5")
+    path = f"/instances/{instance_id}"
+    syntaxes = [unless_missing(lambda server=server: server.request(
+        "GET", f"{path}/metadata/TransferSyntax", read="text")) for server in (source, target)]
+    if syntaxes[0] == syntaxes[1]:
+        verdict = Verdict("md5", f"different on the target (MD5 {found}, {expected} on the "
+                                 "source)")
+    else:
+        tags = [kept_tags(unless_missing(lambda server=server: server.get(f"{path}/tags"))
+                          or {}) for server in (source, target)]
+        if not all(syntax in LOSSLESS_SYNTAXES for syntax in syntaxes):
+            verdict = Verdict("lossy")
+        elif not all(version_at_least(server.version, (1, 10, 0))
+                     for server in (source, target)):
+            verdict = Verdict("no_pixels")
+        else:
+            verdict = Verdict("pixels" if pixels else "sampled_out")
+        differ = tags_differ(*tags)
+        if differ:
+            verdict.problem = (f"different on the target (re-encoded from {syntaxes[0]} to "
+                               f"{syntaxes[1]}; tags differ: {', '.join(differ[:3])}"
+                               + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+                               + ")")
+        elif verdict.how == "pixels":
+            frames = int((tags[0].get(NUMBER_OF_FRAMES) or {}).get("Value") or 1)
+            try:
+                same = pixel_digest(source, instance_id, frames) == \
+                    pixel_digest(target, instance_id, frames)
+            except HttpStatusError as error:  # a server that cannot decode what it holds
+                verdict.problem = f"pixels not compared: {error}"
+            else:
+                if not same:
+                    verdict.problem = (f"different on the target (re-encoded from "
+                                       f"{syntaxes[0]} to {syntaxes[1]}; the decoded pixels "
+                                       "differ)")
+    if verdict.problem or verdict.how == "pixels":
+        verdict.fault = source_fault(source, instance_id)
+    return verdict
+
+
+def in_sample(study: str, percent: float) -> bool:
+    """Whether --verify-sample takes the study: the same studies on every run."""
+    return int(hashlib.sha1(study.encode()).hexdigest()[:8], 16) % 10000 < percent * 100
+
+
 def verify_study(source: OrthancClient, target: OrthancClient, study: str, threads: int,
-                 compare: bool = True) -> tuple[int, int, list[tuple[str, str]], list[str]]:
-    """Compare the MD5 that each server stored for every instance of a study (no file is
-    downloaded); without `compare` (a target that transcodes what it receives), only that
-    each is there. Returns (instances checked, instances gone from the source, problems,
-    the instances of those that differ)."""
+                 pixels: bool = True, skip: Collection[str] = ()) -> list[tuple[str, Verdict]]:
+    """verify_instance for each instance of a study but those to `skip`, a few at once."""
     layout = study_layout(source, study) or {}
-    instance_ids = [instance for instances in layout.values() for instance in instances]
-
-    def one(instance_id: str) -> tuple[Optional[str], Optional[str]]:
-        expected = source.md5(instance_id)
-        return expected, target.md5(instance_id) if expected is not None else None
-
-    problems: list[tuple[str, str]] = []
-    different: list[str] = []
-    vanished = 0
-    for instance_id, (expected, found) in zip(instance_ids,
-                                              parallel_map(one, instance_ids, threads)):
-        if expected is None:
-            vanished += 1
-        elif found is None:
-            problems.append((instance_id, "missing on the target"))
-        elif found != expected and compare:
-            problems.append((instance_id, f"different on the target (MD5 {found}, "
-                                          f"{expected} on the source)"))
-            different.append(instance_id)
-    return len(instance_ids) - vanished, vanished, problems, different
+    instance_ids = [instance for instances in layout.values() for instance in instances
+                    if instance not in skip]
+    return list(zip(instance_ids, parallel_map(
+        lambda instance: verify_instance(source, target, instance, pixels), instance_ids,
+        threads)))
 
 
 def verify_all(context: Context, progress: Progress, studies: list[str],
                statistics: Optional[dict], differences: Optional[Differences]) -> None:
-    """--verify: the stored MD5 of every instance of every study, on both servers."""
-    outcome = context.outcome
+    """--verify: every instance of every study, on both servers (see verify_instance)."""
+    outcome, config = context.outcome, context.config
     outcome.verified = 0
-    outcome.verify_md5 = not context.target.system.get("IngestTranscoding")
+    known = {instance for instance, *_ in outcome.unreadable}  # named by the copy already
     progress.start(None if statistics is None else int(statistics["CountInstances"]),
                    "verifying")
     try:
         for study in studies:
-            checked, gone, problems, different = verify_study(
-                context.source, context.target, study, context.config.threads,
-                outcome.verify_md5)
-            outcome.verified += checked
-            outcome.vanished += gone
-            outcome.verify_problems.extend(problems)
-            if differences is not None and different:
+            verdicts = verify_study(context.source, context.target, study, config.threads,
+                                    in_sample(study, config.verify_sample), known)
+            different, unreadable, reasons = [], [], {}
+            for instance, verdict in verdicts:
+                if verdict.vanished:
+                    outcome.vanished += 1
+                    continue
+                outcome.verified += 1
+                if verdict.how is not None:
+                    outcome.verified_by[verdict.how] += 1
+                if verdict.fault is not None:
+                    accepted = config.accept is not None and instance in config.accept
+                    outcome.unreadable.append((instance, study, verdict.fault, accepted))
+                    unreadable.append(instance)
+                    reasons[instance] = verdict.fault
+                elif verdict.problem is not None:
+                    outcome.verify_problems.append((instance, verdict.problem))
+                    if verdict.how is not None:
+                        different.append(instance)
+                        reasons[instance] = verdict.problem
+            if differences is not None and (different or unreadable):
                 differences.add(study, study_tags(context.source, study),
-                                {"different": different},
-                                {"different": "the stored MD5 differs"})
-            progress.advance(checked + gone)
+                                {"different": different, "unreadable": unreadable}, {},
+                                reasons=reasons)
+            progress.advance(len(verdicts))
     finally:
         progress.finish()
 
@@ -4302,10 +4619,12 @@ class Follow:
         copied = 0
         if touched:
             context.target.get("/system")  # a target out of reach fails the look, not the copies
-            before = outcome.copied, outcome.copied_bytes, len(outcome.failed)
+            before = outcome.copied, outcome.copied_bytes, len(outcome.failed) + \
+                outcome.unaccepted
             Walk(context, Progress(False), self.mirror and self.mirror.observe).run(
                 sorted(touched), lambda study: True)
-            copied, failed = outcome.copied - before[0], len(outcome.failed) - before[2]
+            copied = outcome.copied - before[0]
+            failed = len(outcome.failed) + outcome.unaccepted - before[2]
             if copied or failed:
                 log.info("%s: copied %s (%s), %d failed", time.strftime("%H:%M:%S"),
                          instance_count(copied), format_bytes(outcome.copied_bytes - before[1]),
@@ -4380,6 +4699,8 @@ class Run:
             source.hold = target.hold = limiter.hold
         copier = Copier(source, target, config.policy, self.stop, limiter, config.threads,
                         FAR_REQUESTS_MAX if config.pace else config.threads, config.pace)
+        if config.accept is not None and config.accept.uids:
+            config.accept.resolve(source, config.threads)
         self.context = Context(config, self.stop, source, target, journal, copier, self.outcome)
         background = ThreadPoolExecutor(1, thread_name_prefix="changes")
         try:
@@ -4457,7 +4778,8 @@ class Run:
         if config.verify:
             verify_all(context, self.progress, studies, statistics, None)
         if config.follow and not outcome.target_full and not outcome.lost and not (
-                outcome.failed and not config.ignore_errors) and not outcome.delete_refused:
+                (outcome.failed or outcome.unaccepted) and not config.ignore_errors) \
+                and not outcome.delete_refused:
             Follow(context, confirmation, passes, self.mirror).run(position)
 
     def list_studies(self, context: Context) -> tuple[list[str], Optional[dict], set[str]]:
@@ -4529,14 +4851,20 @@ def summary_lines(outcome: Outcome, elapsed: float) -> list[str]:
                               f"{format_count(failed)} ({format_count(named)} of them "
                               f"{'a study' if named == 1 else 'studies'})"),
     ]
+    if outcome.unreadable:
+        accepted = len(outcome.unreadable) - outcome.unaccepted
+        lines.append(f"Unreadable:    {instance_count(len(outcome.unreadable))} the source "
+                     "cannot serve as it received them" + (f" ({format_count(accepted)} "
+                                                         "accepted by --accept)"
+                                                         if accepted else ""))
     if outcome.metadata_written or outcome.metadata_problems:
         lines.append(f"Metadata:      {plural(outcome.metadata_written, 'item')} copied, "
                      f"{plural(len(outcome.metadata_problems), 'problem')}")
     if outcome.verified is not None:
-        lines.append(f"Verified:      {instance_count(outcome.verified)}, "
-                     f"{format_count(len(outcome.verify_problems))} missing or different"
-                     + ("" if outcome.verify_md5 else " (present; MD5s not compared: the "
-                        "target transcodes what it receives)"))
+        lines.append(f"Verified:      {instance_count(outcome.verified)}"
+                     + "".join(f", {format_count(outcome.verified_by[how])} {words}"
+                               for how, words in COMPARED.items() if outcome.verified_by[how])
+                     + f"; {format_count(len(outcome.verify_problems))} missing or different")
     if outcome.lost:
         lines.append(f"Lost:          {study_count(len(outcome.lost))} the target deleted after "
                      "storing them")
@@ -4564,19 +4892,26 @@ def check_lines(outcome: Outcome, differences: "Differences", verify: bool,
     counts, found = differences.counts, differences.studies
     pending = sum(ours for _, ours, _ in outcome.would_delete)
     differs = bool(outcome.missing or counts["different"] or outcome.failed
-                   or outcome.verify_problems or (delete and pending))
+                   or outcome.verify_problems or outcome.unaccepted or (delete and pending))
+    accepted = len(outcome.unreadable) - outcome.unaccepted
     lines = [f"Compared:      {study_count(outcome.studies_checked)} instance by instance, "
              f"{format_count(outcome.studies_skipped)} taken on trust (complete in an earlier "
              "run and untouched since; --recheck looks at them)",
              f"Missing:       {instance_count(outcome.missing)} the target lacks, in "
              f"{study_count(outcome.studies_missing)}"]
+    lines.append(f"Unreadable:    {instance_count(len(outcome.unreadable))} the source "
+                 "cannot serve as it received them, in "
+                 f"{study_count(len({study for _, study, _, _ in outcome.unreadable}))}"
+                 + (f" ({format_count(accepted)} accepted by --accept)" if accepted else ""))
     if verify:
-        lines.append(f"Different:     {instance_count(counts['different'])} (stored MD5)")
+        lines.append(f"Different:     {instance_count(counts['different'])} (compared as "
+                     "Verified says)")
     lines.append(f"Only target:   {study_count(found['extra-study'])} and "
                  f"{instance_count(counts['extra'])} of studies both have"
                  + (f"; --delete would remove {instance_count(pending)}" if delete else ""))
     lines.append("Result:        " + ("the target differs from the source" if differs else
-                                      "the target holds every instance of the source"
+                                      (all_but_accepted(accepted) if accepted else
+                                       "the target holds every instance of the source")
                                       + (" and nothing to delete" if delete else "")))
     return lines, differs
 
@@ -4653,6 +4988,7 @@ def report_record(config: Config, run: Run, elapsed: float) -> dict:
             "studies_compared": outcome.studies_checked,
             "studies_taken_on_trust": outcome.studies_skipped,
             "missing": outcome.missing, "different": differences.counts["different"],
+            "unreadable": len(outcome.unreadable),
             "extra_instances": differences.counts["extra"],
             "extra_studies": differences.studies["extra-study"],
             "by_year": run.mirror.years.records() if run.mirror and run.mirror.years else None,
@@ -4663,6 +4999,9 @@ def report_record(config: Config, run: Run, elapsed: float) -> dict:
                      "problems": [{"id": resource, "reason": reason}
                                   for resource, reason in outcome.metadata_problems]},
         "verified": outcome.verified,
+        "verified_by": {how: outcome.verified_by[how] for how in COMPARED},
+        "unreadable": [{"id": instance, "study": study, "reason": reason, "accepted": accepted}
+                       for instance, study, reason, accepted in outcome.unreadable],
         "reached": outcome.reached,  # --order: the StudyDate of the last study looked at
         "studies_not_found": outcome.not_found,
         "paused_seconds": round(outcome.paused, 1),
@@ -4724,6 +5063,14 @@ def whole_number(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
         return value
     return parse
+
+
+def percentage(text: str) -> float:
+    """An argparse type for a share of 0 (excluded) to 100, with or without a % sign."""
+    value = positive_float(text.rstrip("%"))
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text} is more than 100")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -4814,8 +5161,17 @@ def _setup_argparser() -> ArgumentParser:
                      help="seconds to wait for a server's answer (default: 60; listings "
                           "of a whole server may take up to 600)")
     run.add_argument("--verify", action="store_true",
-                     help="after copying, compare every instance's stored MD5 on both servers "
-                          "and name each one missing or different (default: off)")
+                     help="after copying, compare every instance on both servers and name "
+                          "each one missing or different: by the stored MD5s, or for one the "
+                          "target re-encoded, by its tags and decoded pixels (default: off)")
+    run.add_argument("--verify-sample", metavar="PERCENT", type=percentage, default=100.0,
+                     help="with --verify, compare the decoded pixels of re-encoded instances "
+                          "in this share of the studies only, the same ones on every run; "
+                          "the others by their tags (default: 100)")
+    run.add_argument("--accept", metavar="FILE", default=None,
+                     help="accept as lost the instances FILE names, while the source cannot "
+                          "serve them: a --report or --check --csv file (its unreadable "
+                          "ones), or one instance ID or SOPInstanceUID a line (default: none)")
     run.add_argument("--recheck", action="store_true",
                      help="look at every study instance by instance, also those the save file "
                           "records complete and the source's change log shows untouched: "
@@ -4970,6 +5326,8 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
         raise UsageError("--csv goes with --check; add --check, or leave --csv out")
     if args.check and args.follow:
         raise UsageError("--check compares once and --follow copies on; choose one")
+    if args.verify_sample != 100.0 and not args.verify:
+        raise UsageError("--verify-sample goes with --verify; add --verify, or leave it out")
     if args.max_delete is not None and not args.delete:
         raise UsageError("--max-delete goes with --delete; add --delete, or leave it out")
     return Config(source=source, target=target, save=Path(args.save),
@@ -4985,7 +5343,9 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
                   ignore_errors=args.ignore_errors,
                   policy=RetryPolicy(retries=args.retries, timeout=args.timeout),
                   quiet=args.quiet, verbose=args.verbose, prompt=not args.no_prompt,
-                  tls_verify=tls_verify, verify=args.verify)
+                  tls_verify=tls_verify, verify=args.verify,
+                  verify_sample=args.verify_sample,
+                  accept=Accepted.read(Path(args.accept)) if args.accept else None)
 
 
 def setup_logging(quiet: bool, verbose: bool) -> None:
@@ -5020,7 +5380,8 @@ def replicate(config: Config, stop: Optional[threading.Event] = None) -> Outcome
         check, differs = check_lines(outcome, differences, config.verify, config.delete)
         years = run.mirror.years.lines() if run.mirror and run.mirror.years else []
         lines = check + years + [line for line in lines if line.startswith(
-            ("Would delete:", "Elapsed:") + (("Failed:",) if outcome.failed else ()))]
+            ("Verified:", "Would delete:", "Elapsed:")
+            + (("Failed:",) if outcome.failed else ()))]
     for line in lines:
         print(line, flush=True)
     for instance_id, problem in outcome.verify_problems:
@@ -5032,12 +5393,20 @@ def replicate(config: Config, stop: Optional[threading.Event] = None) -> Outcome
                   "follow on" if config.follow else "resume")
         outcome.exit_status = EXIT_INTERRUPTED
     elif (outcome.failed or outcome.verify_problems or outcome.metadata_problems
-          or outcome.lost or outcome.unconfirmed or outcome.delete_refused or differs):
+          or outcome.lost or outcome.unconfirmed or outcome.delete_refused or differs
+          or outcome.unaccepted):
         assert run.context is not None
         for line in failure_lines(outcome, run.context.target.system, config.ignore_errors):
             log.error("%s", line)
         outcome.exit_status = EXIT_FAILURES
+    elif outcome.unreadable and differences is None:
+        print(f"Result:        {all_but_accepted(len(outcome.unreadable))}", flush=True)
     return finish_report(config, run, elapsed)
+
+
+def all_but_accepted(count: int) -> str:
+    return (f"the target holds every instance of the source but {format_count(count)} "
+            "accepted as unreadable on the source")
 
 
 def failure_lines(outcome: Outcome, system: dict, ignore_errors: bool) -> list[str]:
@@ -5052,14 +5421,22 @@ def failure_lines(outcome: Outcome, system: dict, ignore_errors: bool) -> list[s
                      f"({outcome.unconfirmed}); run the same command again")
     if outcome.target_full:
         lines.append(cannot_store_line(outcome.target_full, system))
-    elif outcome.stopped_on_failure and not ignore_errors:
+    elif outcome.stopped_on_failure and not ignore_errors and outcome.failed:
         instance_id, reason = outcome.failed[0]
         lines.append(f"stopped at the first failure: {outcome.kind(instance_id)} {instance_id}: "
                      f"{reason} (--ignore-errors goes on)")
+    elif outcome.stopped_on_failure and not ignore_errors:
+        lines.append("stopped at the first instance the source cannot serve (--ignore-errors "
+                     "goes on; --accept FILE accepts those the source has lost for good):")
     elif len(outcome.failed) > 1:
         lines.append(f"{instance_count(len(outcome.failed))} failed:")
         lines.extend(f"  {outcome.kind(instance_id)} {instance_id}: {reason}"
                      for instance_id, reason in outcome.failed)
+    if outcome.unaccepted:
+        if not (outcome.stopped_on_failure and not ignore_errors and not outcome.failed):
+            lines.append(f"{instance_count(len(outcome.unreadable))} unreadable on the "
+                         "source (--accept FILE accepts those it has lost for good):")
+        lines.extend(unreadable_lines(outcome))
     return lines
 
 

@@ -24,6 +24,9 @@ The `check` part times --check of the scale corpus against an empty target, with
 next to the tool and 80 ms away, and --check --recheck of a complete target (beside another
 version's replicate.py with --baseline).
 
+The `verify` part times --verify of the mixed corpus' shape into a target that stores it as it
+came and into one that re-encodes it to JPEG-LS lossless: CPU seconds per GB of each side.
+
 usage: python tests/benchmark.py [--corpora mixed,tiny,big,scale20k,scale,onestudy,wan,check]
                                  [--repeat 2] [--scale full|smoke] [--baseline SCRIPT]
 """
@@ -75,6 +78,9 @@ CORPORA = {
         "scale": [(5000, 2, 20, 8, 8, 1)],
         "onestudy": [(1, 10, 5000, 8, 8, 1)],
         "varied": VARIED_FULL,
+        # the mixed corpus' shape with pixels that compress (the verify part re-encodes it)
+        "reencode": [(40, 3, 25, 256, 256, 1, "CT", "smooth"),
+                     (2, 1, 1, 2048, 1024, 15, "CT", "smooth")],
     },
     "smoke": {
         "mixed": [(2, 2, 4, 256, 256, 1), (1, 1, 1, 512, 512, 6)],
@@ -84,6 +90,8 @@ CORPORA = {
         "scale": [(10, 2, 4, 8, 8, 1)],
         "onestudy": [(1, 3, 30, 8, 8, 1)],
         "varied": [(1, 1, 6, 512, 512, 1, "CT", "smooth"), (2, 1, 5, 8, 8, 1, "OT", "random")],
+        "reencode": [(2, 2, 4, 256, 256, 1, "CT", "smooth"),
+                     (1, 1, 1, 512, 512, 6, "CT", "smooth")],
     },
 }
 SCALE_CORPORA = {"scale20k", "scale", "onestudy"}  # measured for memory and start-up only
@@ -732,6 +740,48 @@ def checks(scale: str, work: Path, cache: Path, baseline: Optional[str]) -> list
     return lines
 
 
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+
+
+def verifications(scale: str, work: Path, cache: Path) -> list[str]:
+    """--verify of the mixed corpus' shape (with pixels that compress) on a target that
+    stores it as it came, compared by MD5, and on one that re-encodes it to JPEG-LS
+    lossless, compared by tags and decoded pixels (all of it, then --verify-sample 10):
+    wall time and the CPU seconds of the tool and of each server, per GB of the source."""
+    source = OrthancServer(work / "verify-source", "SOURCE").start()
+    lines = ["| --verify of reencode | wall | CPU tool | CPU source | CPU target | "
+             "per GB: wall, tool, source, target |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    try:
+        load(source, generate("reencode", scale, cache))
+        gigabytes = int(source.get("/statistics")["TotalUncompressedSize"]) / 1e9
+        for case, config, options in (
+                ("stored as it came, by MD5", {}, ()),
+                ("re-encoded, tags and pixels", {"IngestTranscoding": JPEG_LS_LOSSLESS}, ()),
+                ("re-encoded, --verify-sample 10", {"IngestTranscoding": JPEG_LS_LOSSLESS},
+                 ("--verify-sample", "10"))):
+            target = fresh_target(work, "verify", **config)
+            try:
+                save = target.folder / "save"
+                ours(source, target, save)
+                settle()
+                timing, _, out, _ = ours(source, target, save, options=("--verify", *options))
+                verified = next(line for line in out.splitlines()
+                                if line.startswith("Verified:"))
+                lines.append(
+                    f"| {case} | {timing.seconds:.2f} s | {timing.client_cpu:.1f} s | "
+                    f"{timing.source_cpu:.1f} s | {timing.target_cpu:.1f} s | "
+                    f"{timing.seconds / gigabytes:.1f}, {timing.client_cpu / gigabytes:.1f}, "
+                    f"{timing.source_cpu / gigabytes:.1f}, "
+                    f"{timing.target_cpu / gigabytes:.1f} s |")
+                lines.append(f"|   {verified.split(':', 1)[1].strip()} | | | | | |")
+            finally:
+                discard(target)
+        lines.append(f"(source: {gigabytes:.2f} GB)")
+    finally:
+        discard(source)
+    return lines
+
+
 SOAK_RATE = 2.0  # instances a second arriving on the source
 SOAK_STUDY = 20  # instances a study
 SOAK_DELETE_EVERY = 300.0  # seconds between deletions of a study on the source
@@ -1006,8 +1056,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="comma-separated; wan is the cases across a distant link, capped "
                              "those into a target larger than this machine, check the --check "
                              "of the scale corpus, soak a --follow under arrivals for "
-                             "--minutes, savefile a restart on a year of following (these two "
-                             "not in the default) (default: all but soak and savefile)")
+                             "--minutes, savefile a restart on a year of following, verify "
+                             "--verify into a target that re-encodes (these three not in the "
+                             "default) (default: all but soak, savefile and verify)")
     parser.add_argument("--minutes", type=float, default=20.0,
                         help="how long the soak part follows (default: 20)")
     parser.add_argument("--baseline", default=None, metavar="SCRIPT",
@@ -1024,7 +1075,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         corpora = args.corpora.split(",")
         local = [corpus for corpus in corpora
-                 if corpus not in ("wan", "check", "capped", "soak", "savefile")]
+                 if corpus not in ("wan", "check", "capped", "soak", "savefile", "verify")]
         lines = run(local, args.repeat, args.scale, work, Path(args.cache)) if local else []
         if "wan" in corpora:
             lines += [""] + wan(args.scale, work, Path(args.cache))
@@ -1035,6 +1086,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             lines += [""] + checks(args.scale, work, Path(args.cache), args.baseline)
         if "savefile" in corpora:
             lines += [""] + save_file_year(work, args.baseline, args.scale)
+        if "verify" in corpora:
+            lines += [""] + verifications(args.scale, work, Path(args.cache))
         if "soak" in corpora:
             lines += [""] + soak(args.minutes, work, Path(args.cache), args.baseline,
                                  args.scale)

@@ -112,7 +112,7 @@ def test_a_server_down_for_good_fails_with_the_cause_and_attempts(source, target
 
 
 # ---- verification ---------------------------------------------------------------------------
-def test_files_lost_from_the_source_storage_fail_at_once_with_the_reason(
+def test_files_lost_from_the_source_storage_are_named_at_once_with_the_reason(
         make_server, corpus, target, tmp_path, capsys) -> None:
     # no storage cache: the server must read its files from disk
     source = make_server("SOURCE", MaximumStorageCacheSize=0)
@@ -124,10 +124,11 @@ def test_files_lost_from_the_source_storage_fail_at_once_with_the_reason(
     code, out, err = run(capsys, args(source, target, tmp_path / "save", "--ignore-errors",
                                       "-v"))
     assert code == 1
-    assert summary_value(out, "Failed:") == 3 and summary_value(out, "Copied:") == 26
-    assert "Vanished" not in out
-    failures = [line for line in err.splitlines() if line.startswith("copy failed:")]
-    assert {line.split()[3] for line in failures} == lost
+    assert summary_value(out, "Unreadable:") == 3 and summary_value(out, "Copied:") == 26
+    assert summary_value(out, "Failed:") == 0 and "Vanished" not in out
+    failures = [line for line in err.splitlines()
+                if line.startswith("unreadable on the source:")]
+    assert {line.split()[5] for line in failures} == lost
     assert all("does not point to a regular file" in line for line in failures)
     assert "retrying" not in err and "attempts" not in err  # waiting brings no file back
     assert target.instances() == set(ids) - lost
@@ -217,7 +218,7 @@ def test_verify_an_exact_copy_from_a_compressed_source(make_server, corpus, targ
     source.upload(corpus)
     code, out, err = run(capsys, args(source, target, tmp_path / "save", "--verify"))
     assert code == 0, err
-    assert "Verified:      29 instances, 0 missing or different" in out
+    assert "Verified:      29 instances, 29 by MD5; 0 missing or different" in out
     assert target.md5s() == source.md5s()
 
 
@@ -236,7 +237,7 @@ def test_verify_names_an_instance_with_other_bytes(source, target, tmp_path, cap
     code, out, err = run(capsys, args(source, target, save, "--verify"))
     assert code == 1
     assert summary_value(out, "Copied:") == 0
-    assert "Verified:      29 instances, 1 missing or different" in out
+    assert "Verified:      29 instances, 29 by MD5; 1 missing or different" in out
     assert f"verify failed: instance {victim}: different on the target" in err
 
 
@@ -246,7 +247,7 @@ def test_verify_names_missing_instances(make_server, source, tmp_path, capsys) -
                                       "--ignore-errors"))
     assert code == 1
     assert err.count("missing on the target") == 8
-    assert "Verified:      29 instances, 8 missing or different" in out
+    assert "Verified:      29 instances, 21 by MD5; 8 missing or different" in out
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_selection_by_query_and_study(make_server, target, tmp_path, capsys) -> 
     assert code == 0, err
     assert target.instances() == set(new)
     assert summary_value(out, "Studies selected on the source:") == 2
-    assert "Verified:      6 instances, 0 missing or different" in out
+    assert "Verified:      6 instances, 6 by MD5; 0 missing or different" in out
 
     # --study adds one study of 2019; wildcards work on other tags
     one_old = source.get(f"/instances/{old[0]}/study")["ID"]

@@ -33,7 +33,7 @@ def test_each_recipe_is_found_from_the_first_screen() -> None:
     first = "\n".join(README.splitlines()[:60])
     headings = re.findall(r"(?m)^### (.+)$", README[README.index("## Recipes"):
                                                     README.index("## Reference")])
-    assert len(headings) == 8
+    assert len(headings) == 9
     for heading in headings:
         anchor = "#" + re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
         assert f"]({anchor})" in first, heading

@@ -519,3 +519,13 @@ def test_benchmark_check_smoke(tmp_path) -> None:
     lines = benchmark.checks("smoke", tmp_path / "work", tmp_path / "cache", None)
     rows = [line for line in lines if line.startswith("| ") and " s (CPU: tool" in line]
     assert len(rows) == 4 and "80 ms away" in rows[1] and "trusted" in rows[3], lines
+
+
+def test_benchmark_verify_smoke(tmp_path) -> None:
+    """The benchmark's --verify part at seconds scale: each case compared as it says."""
+    import benchmark
+    lines = benchmark.verifications("smoke", tmp_path / "work", tmp_path / "cache")
+    text = "\n".join(lines)
+    assert "17 instances, 17 by MD5;" in text, text
+    assert "17 instances, 17 re-encoded: tags and pixels;" in text, text
+    assert text.count("17 instances, ") == 3, text  # the sample's case too

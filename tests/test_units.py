@@ -998,7 +998,7 @@ def test_the_table_by_year_orders_its_rows_and_adds_them_up() -> None:
     table.years.set_result({"a": "2019", "b": "before 1900", "c": "2021"})
     table.add("b", 1, 1)
     assert not table.waiting
-    table.add("d", 4, 0, missing=4)  # no date
+    table.add("d", 4, 0, missing=3, unreadable=1)  # no date
     table.add("e", 0, 5, extra=5, row=replicate.year_label("20210101"))
     records = table.records()
     assert [record["year"] for record in records] == [
@@ -1008,8 +1008,10 @@ def test_the_table_by_year_orders_its_rows_and_adds_them_up() -> None:
     assert records[2]["extra_instances"] == 5 and records[2]["trusted_studies"] == 1
     assert replicate.year_label("") == "no date" and replicate.year_label("18991231") == \
         "before 1900"
-    assert table.lines()[1].split() == ["year", "source", "target", "missing", "only", "target",
-                                        "on", "trust"]
+    assert records[3]["unreadable_instances"] == 1 and records[3]["missing_instances"] == 3
+    assert records[-1]["unreadable_studies"] == 1
+    assert table.lines()[1].split() == ["year", "source", "target", "missing", "unreadable",
+                                        "only", "target", "on", "trust"]
 
 
 def test_read_ahead_hands_out_without_waiting_and_wakes_the_reader() -> None:
@@ -1064,3 +1066,123 @@ def test_the_order_sorts_by_date_then_time_as_the_tuples_would(order: str) -> No
         entry[0], entry[1]), reverse=order == "newest")
     assert list(sorter.sort(found)) == [(study, when[0]) for when, study in expected]
     assert sorter.dates == {"undated": replicate.NO_STUDY_DATE}
+
+
+# ---- verification of re-encoded instances, and what the source cannot serve -----------------
+def npy(descr: str, shape: tuple, data: bytes, version: int = 1) -> bytes:
+    """A .npy file as numpy writes one (and Orthanc's /numpy)."""
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    size = len(header).to_bytes(2 if version == 1 else 4, "little")
+    return b"\x93NUMPY" + bytes([version, 0]) + size + header + data
+
+
+def digest_of(body: bytes, block: int = 7) -> str:
+    import hashlib
+    import io
+    digest = hashlib.sha256()
+    stream = io.BytesIO(body)
+    replicate.npy_digest(lambda size: stream.read(min(size, block)), digest)
+    return digest.hexdigest()
+
+
+def test_a_pixel_digest_reads_the_array_whatever_the_header_s_layout() -> None:
+    pixels = bytes(range(256)) * 4
+    same = digest_of(npy("<u2", (1, 16, 32, 1), pixels))
+    assert digest_of(npy("<u2", (1, 16, 32, 1), pixels), block=1000) == same
+    assert digest_of(npy("<u2", (1, 16, 32, 1), pixels, version=2)) == same
+    # Orthanc 1.10 writes "(1, 64,64,1)": the shape, not its spacing, counts
+    spaced = npy("<u2", (1, 16, 32, 1), pixels).replace(b"(1, 16, 32, 1)", b"(1, 16,32,1)  ")
+    assert digest_of(spaced) == same
+    assert digest_of(npy("<u2", (1, 16, 32, 1), pixels[:-1] + b"\x01")) != same
+    assert digest_of(npy("<u2", (1, 32, 16, 1), pixels)) != same
+    assert digest_of(npy("|u1", (1, 32, 32, 1), pixels)) != same
+    with pytest.raises(ValueError):
+        digest_of(b'{"HttpError": "Not Found"}')
+    with pytest.raises(ValueError):
+        digest_of(npy("<u2", (1, 16, 32, 1), pixels)[:20])
+
+
+def test_tags_an_encoding_keeps_leave_out_the_meta_group_and_the_pixels() -> None:
+    source = {"0002,0010": {"Name": "TransferSyntaxUID", "Value": "1.2.840.10008.1.2.1"},
+              "0010,0010": {"Name": "PatientName", "Value": "A^B"},
+              "7fe0,0010": {"Name": "PixelData", "Type": "Null"}}
+    target = {"0002,0010": {"Name": "TransferSyntaxUID", "Value": "1.2.840.10008.1.2.4.80"},
+              "0010,0010": {"Name": "PatientName", "Value": "A^B"},
+              "7fe0,0010": {"Name": "PixelData", "Type": "Binary"}}
+    kept = [replicate.kept_tags(tags) for tags in (source, target)]
+    assert replicate.tags_differ(*kept) == []
+    target["0010,0010"] = {"Name": "PatientName", "Value": "C^D"}
+    target["0008,2111"] = {"Name": "DerivationDescription", "Value": "Lossy"}
+    assert replicate.tags_differ(source, replicate.kept_tags(target)) == [
+        "0002,0010 TransferSyntaxUID", "0008,2111 DerivationDescription",
+        "0010,0010 PatientName", "7fe0,0010 PixelData"]
+    assert replicate.tags_differ(*[replicate.kept_tags(tags) for tags in (source, target)]) == [
+        "0008,2111 DerivationDescription", "0010,0010 PatientName"]
+
+
+def test_a_sample_of_studies_is_the_same_on_every_run() -> None:
+    studies = [f"{number:08x}-00000000-00000000-00000000-00000000" for number in range(2000)]
+    taken = [study for study in studies if replicate.in_sample(study, 10)]
+    assert 150 < len(taken) < 250
+    assert taken == [study for study in studies if replicate.in_sample(study, 10.0)]
+    assert all(replicate.in_sample(study, 100) for study in studies)
+    assert set(taken) <= {study for study in studies if replicate.in_sample(study, 50)}
+
+
+@pytest.mark.parametrize("text, value", [("10", 10.0), ("2.5%", 2.5), ("100", 100.0)])
+def test_a_percentage(text: str, value: float) -> None:
+    assert replicate.percentage(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "101", "-5", "ten"])
+def test_a_percentage_out_of_range(text: str) -> None:
+    with pytest.raises(Exception):
+        replicate.percentage(text)
+
+
+INSTANCE = "0a1b2c3d-4e5f6a7b-8c9d0e1f-2a3b4c5d-6e7f8091"
+OTHER = "1a1b2c3d-4e5f6a7b-8c9d0e1f-2a3b4c5d-6e7f8091"
+
+
+def test_accepted_instances_from_a_report_a_csv_or_a_list(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"copied": 3, "unreadable": [
+        {"id": INSTANCE, "study": "s", "reason": "gone", "accepted": False}]}))
+    assert replicate.Accepted.read(report).ids == {INSTANCE}
+    table = tmp_path / "check.csv"
+    table.write_text(",".join(replicate.CSV_COLUMNS) + "\n"
+                     f"unreadable,P1,20200101,1.2.3,s,{INSTANCE},1.2.3.4,1.2.3.4.5,gone\n"
+                     f"missing,P1,20200101,1.2.3,s,{OTHER},1.2.3.4,1.2.3.4.6,lacks\n")
+    assert replicate.Accepted.read(table).ids == {INSTANCE}
+    listing = tmp_path / "list"
+    listing.write_text(f"# lost in the flood of 2019\n{INSTANCE}\n\n  1.2.840.99.7  # a UID\n")
+    accepted = replicate.Accepted.read(listing)
+    assert accepted.ids == {INSTANCE} and accepted.uids == {"1.2.840.99.7"}
+    assert INSTANCE in accepted and OTHER not in accepted
+
+
+@pytest.mark.parametrize("text, why", [
+    ("P00001\n", "line 1: 'P00001' is neither an Orthanc instance ID nor a SOPInstanceUID"),
+    ('{"copied": 3, "unreadable": [{"name": "x"}]}', "not a report of this tool")])
+def test_an_accept_file_that_names_nothing_usable(tmp_path: Path, text: str, why: str) -> None:
+    path = tmp_path / "accept"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=why):
+        replicate.Accepted.read(path)
+    with pytest.raises(UsageError, match="no such file|No such file"):
+        replicate.Accepted.read(tmp_path / "absent")
+
+
+def test_which_download_errors_say_the_source_lost_its_file() -> None:
+    lost = HttpStatusError("source", "GET", "/instances/x/file", 500, json.dumps(
+        {"OrthancStatus": 2006, "Details": "The path does not point to a regular file: /s/1"}))
+    assert replicate.unreadable_reason(lost) == (
+        "the source cannot read its file (HTTP 500: The path does not point to a regular "
+        "file: /s/1)")
+    assert replicate.unreadable_reason(replicate.GaveUp(lost, 3)) is not None
+    busy = HttpStatusError("source", "GET", "/instances/x/file", 503, "")
+    assert replicate.unreadable_reason(busy) is None
+    target = HttpStatusError("target", "POST", "/instances", 500, json.dumps(
+        {"OrthancStatus": 2006}))
+    assert replicate.unreadable_reason(target) is None
