@@ -35,13 +35,17 @@ stderr) and returns the counts and the exit status:
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import csv
 import ctypes
 import getpass
 import hashlib
+import html
+import http.server
 import http.client
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -342,6 +346,7 @@ class Config:
     max_delete: Optional[int] = None  # --delete deletes nothing when more is pending
     accept: Optional["Accepted"] = None  # instances accepted as unreadable on the source
     verify_sample: float = 100.0  # --verify: % of studies whose re-encoded pixels are compared
+    status: Optional[tuple[str, int]] = None  # --status: where to serve the run's page
     check: bool = False  # compare only: write nothing anywhere
     csv: Optional[Path] = None  # --check: every difference, as CSV
 
@@ -465,6 +470,9 @@ class Outcome:
     # (instance, study, why, accepted by --accept): what the source cannot serve as it
     # received it (see Unreadable)
     unreadable: list[tuple[str, str, str, bool]] = field(default_factory=list)
+    failed_by: Counter[str] = field(default_factory=Counter)  # see failure_reason
+    # --follow: the studies counted in studies_missing, each once however many looks
+    counted: Optional[set[str]] = None
     metadata_written: int = 0
     checks_max: int = 0  # study checks in flight at most
     studies_max: int = 0  # studies in flight at most: being checked, or instances travelling
@@ -574,6 +582,16 @@ class Timetable:
                 break
             index = position
         return index % len(self.entries)
+
+    def next_pause(self, minute: int) -> Optional[int]:
+        """The minute of the week at which the next pause after the rate in force begins, or
+        None when none is in the timetable."""
+        now = self.index_at(minute)
+        for step in range(1, len(self.entries)):
+            start, rate = self.entries[(now + step) % len(self.entries)]
+            if rate == PAUSE:
+                return start
+        return None
 
     def until(self, minute: int) -> Optional[int]:
         """The minute of the week at which the rate in force at `minute` ends, or None when
@@ -1079,6 +1097,7 @@ def call_with_retries(action: Callable[[], T], what: str, policy: RetryPolicy,
             # A kept-alive connection the server had closed: at once, on a new one.
             closed = isinstance(error, TransportError) and error.kind == CLOSED
             delay = 0.0 if attempt == 1 and closed else policy.delay(attempt)
+            RETRIED.add()
             log.debug("%s: %s (attempt %d/%d), retrying in %.1f s", what,
                       describe_error(error), attempt, policy.retries + 1, delay)
             if stop.wait(delay):
@@ -3162,6 +3181,7 @@ class Context:
     copier: Copier
     outcome: Outcome
     selected: Optional[list[str]] = None
+    watch: Optional["Watch"] = None  # --status, --report: what is seen while the run goes on
 
 
 class Walk:
@@ -3176,8 +3196,11 @@ class Walk:
     def __init__(self, context: Context, progress: Progress,
                  observe: Optional[Callable[[str, StudyCheck], None]] = None,
                  order: Optional[StudyOrder] = None,
-                 landed: Optional[Callable[[], None]] = None) -> None:
+                 landed: Optional[Callable[[], None]] = None, again: bool = False) -> None:
         self.config, self.copier, self.journal = context.config, context.copier, context.journal
+        # a look of --follow: what the target holds of a study was counted by the pass that
+        # found or copied it
+        self.again = again
         self.stop, self.outcome, self.progress = context.stop, context.outcome, progress
         self.order = order  # where the studies come from, for the progress (--order)
         self.describing: Optional[ThreadPoolExecutor] = None  # see run
@@ -3363,7 +3386,8 @@ class Walk:
             log.error("check failed: study %s: %s", study, describe_error(error))
             return
         outcome.studies_checked += 1
-        outcome.present += check.present
+        if not self.again:
+            outcome.present += check.present
         for instance, reason in check.unreadable:
             outcome.unreadable.append((instance.id, study, reason, self.config.accept is not None
                                        and instance.id in self.config.accept))
@@ -3371,7 +3395,10 @@ class Walk:
         missing_bytes = sum(instance.size for instance in check.missing)
         outcome.missing += len(check.missing)
         outcome.missing_bytes += missing_bytes
-        outcome.studies_missing += bool(check.missing)
+        if check.missing and (outcome.counted is None or study not in outcome.counted):
+            outcome.studies_missing += 1
+            if outcome.counted is not None:
+                outcome.counted.add(study)
         self.progress.advance(check.present + check.vanished + len(check.unreadable),
                               self.progress_text)
         if self.observe is not None:
@@ -3416,6 +3443,9 @@ class Walk:
         outcome.vanished += len(result.vanished)
         for instance, error in result.failed:
             open_studies[instance.study][3] = True
+            if not isinstance(error, Unreadable) or not (
+                    self.config.accept is not None and instance.id in self.config.accept):
+                outcome.failed_by[failure_reason(error)] += 1
             if isinstance(error, Unreadable):
                 accepted = self.config.accept is not None and instance.id in self.config.accept
                 outcome.unreadable.append((instance.id, instance.study, error.reason, accepted))
@@ -4605,6 +4635,8 @@ class Follow:
         changes = read_changes(context.source, position, ARRIVALS | (
             METADATA_CHANGES if config.metadata else frozenset()))
         if changes.last == position:
+            if context.watch is not None:
+                context.watch.looked(False)
             return position
         touched = touched_studies(context.source, [change for change in changes.changes
                                                    if is_arrival(change)], config.threads)
@@ -4616,13 +4648,15 @@ class Follow:
         # The studies the arrivals went into are taken back before they are looked at: a
         # look cut short leaves them to the next run.
         context.journal.begin(changes.last, changes.last_id, touched, reset=False)
+        if context.watch is not None:
+            context.watch.changes_seen(changes.last - position)
         copied = 0
         if touched:
             context.target.get("/system")  # a target out of reach fails the look, not the copies
             before = outcome.copied, outcome.copied_bytes, len(outcome.failed) + \
                 outcome.unaccepted
-            Walk(context, Progress(False), self.mirror and self.mirror.observe).run(
-                sorted(touched), lambda study: True)
+            Walk(context, Progress(False), self.mirror and self.mirror.observe,
+                 again=True).run(sorted(touched), lambda study: True)
             copied = outcome.copied - before[0]
             failed = len(outcome.failed) + outcome.unaccepted - before[2]
             if copied or failed:
@@ -4638,7 +4672,460 @@ class Follow:
             self.metadata.copy_metadata(changes, every_known=False)
         else:
             context.journal.changes_read(changes.last, ())
+        if context.watch is not None:
+            context.watch.looked(True)
         return changes.last
+
+
+# ---- watching a run: --status, and --report while it runs -----------------------------------
+STATUS_SAMPLE = 10.0  # seconds between two points of the rate chart, at first
+STATUS_POINTS = 360  # points kept; when full, every other one goes: the chart spans the run
+REPORT_EVERY = 60.0  # seconds between two writes of --report while a run goes on
+STATUS_FAILURES = 10  # the last failures the page shows
+STATUS_TIMEOUT = 10.0  # seconds a client of the status server has to send its request
+LOOPBACK_NAMES = frozenset(["127.0.0.1", "localhost", "::1", ""])  # "": no Host (HTTP/1.0)
+
+
+def parse_status(text: str) -> tuple[str, int]:
+    """--status [ADDR:]PORT: the address to serve on, 127.0.0.1 unless given."""
+    address, _, port = text.rpartition(":")
+    address = address.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--status {text}: give PORT or ADDR:PORT (a port of 0 to 65535)")
+    return address, int(port)
+
+
+def failure_reason(error: BaseException) -> str:
+    """A failure's kind, as the metrics count it."""
+    if isinstance(error, Unreadable):
+        return "unreadable_on_source"
+    if isinstance(error, Rejected):
+        return "refused_by_target"
+    if isinstance(error, GaveUp):
+        return "retries_exhausted"
+    if isinstance(error, HttpStatusError):
+        return f"http_{error.status}"
+    return "transport" if isinstance(error, TransportError) else "other"
+
+
+class Tally:
+    """A count that threads add to."""
+
+    def __init__(self) -> None:
+        self.value, self.lock = 0, threading.Lock()
+
+    def add(self, count: int = 1) -> None:
+        with self.lock:
+            self.value += count
+
+
+RETRIED = Tally()  # requests and operations tried again, in this process
+
+
+class Watch:
+    """What can be seen of a run while it goes on: points of its rate over the whole run, the
+    year of each study (read beside the walk when --status is asked for), a live mirror's
+    lag, and --report rewritten every REPORT_EVERY seconds and after each look of --follow
+    that found changes. Its thread samples and writes; StatusServer reads."""
+
+    def __init__(self, run: "Run") -> None:
+        self.run, self.config = run, run.config
+        self.started = time.time()
+        self.points: list[tuple[float, int, int]] = []  # (time, instances, bytes copied)
+        self.every = STATUS_SAMPLE
+        self.total: Optional[int] = None  # instances on the source, when all of it is copied
+        self.years: Optional[Future[dict[str, str]]] = None  # study -> year of its StudyDate
+        self.pending_since: Optional[float] = None  # --follow: the oldest change not copied
+        self.pending_changes = 0  # and how many changes that look has to process
+        self.last_look: Optional[float] = None  # when the last look ended well
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="watch-years")
+        self.report_lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.tick, name="watch", daemon=True)
+
+    def start(self) -> None:
+        self.point()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.reader.shutdown(wait=False, cancel_futures=True)
+
+    def tick(self) -> None:
+        point_at, report_at = time.monotonic(), time.monotonic() + REPORT_EVERY
+        while not self.stopped.wait(1.0):
+            now = time.monotonic()
+            if now >= point_at:
+                self.point()
+                point_at = now + self.every
+            if self.config.report is not None and now >= report_at:
+                self.write_report()
+                report_at = now + REPORT_EVERY
+
+    def point(self) -> None:
+        outcome = self.run.outcome
+        self.points.append((time.time(), outcome.copied, outcome.copied_bytes))
+        if len(self.points) > STATUS_POINTS:
+            self.points = self.points[::2]
+            self.every *= 2
+
+    def walking(self, source: OrthancClient, studies: list[str], total: Optional[int],
+                archive: Optional[int]) -> None:
+        """The walk begins: with --status, the studies' years are read beside it."""
+        self.total = total
+        if not self.config.status:
+            return
+
+        def read() -> dict[str, str]:
+            count = archive if archive is not None else int(
+                source.get("/statistics")["CountStudies"])
+            return {study: year_label(when[0]) for study, when in study_dates(
+                source, studies, count, self.config.threads)}
+        self.years = self.reader.submit(read)
+
+    def write_report(self) -> None:
+        """--report as the run stands (its --check differences are listed at the end)."""
+        try:
+            with self.report_lock:
+                write_report(self.config.report, self.config, self.run,
+                             time.time() - self.started, spool=False)
+        except OSError as problem:
+            log.warning("warning: cannot write report %s: %s", self.config.report,
+                        problem.strerror)
+
+    # --follow
+    def changes_seen(self, count: int) -> None:
+        if self.pending_since is None:
+            self.pending_since = time.time()
+        self.pending_changes = count
+
+    def looked(self, found: bool) -> None:
+        """A look ended well: what it saw is on the target."""
+        self.last_look, self.pending_since, self.pending_changes = time.time(), None, 0
+        if found and self.config.report is not None:
+            self.write_report()
+
+    @property
+    def lag(self) -> float:
+        since = self.pending_since
+        return 0.0 if since is None else max(0.0, time.time() - since)
+
+    def state(self) -> dict:
+        """Everything the page and the metrics show, read from the run as it stands."""
+        run, outcome, context = self.run, self.run.outcome, self.run.context
+        copier = context.copier if context is not None else None
+        limiter = copier.limiter if copier is not None else None
+        done = outcome.already_there + outcome.copied + len(outcome.failed) \
+            + outcome.vanished + len(outcome.unreadable)
+        now = time.time()
+        points = self.points + [(now, outcome.copied, outcome.copied_bytes)]
+        recent = [point for point in points if point[0] >= now - 60] or points[-1:]
+        first, last = (recent[0], recent[-1]) if len(recent) > 1 else (points[0], points[-1])
+        span = max(last[0] - first[0], 1e-9)
+        rate, instance_rate = (last[2] - first[2]) / span, (last[1] - first[1]) / span
+        left = None if self.total is None else max(0, self.total - done)
+        pause = limiter.pause_until if limiter is not None and limiter.pause_began is not None \
+            else None
+        following = self.config.follow and self.last_look is not None
+        return {
+            "state": "stopped" if self.stopped.is_set() else "paused" if pause else
+            "following" if following else "checking" if self.config.dry_run else "copying",
+            "started": self.started, "now": now,
+            "studies": outcome.studies, "studies_complete": len(context.journal.studies)
+            if context is not None else 0,
+            "instances": self.total, "instances_done": done, "instances_left": left,
+            "copied": outcome.copied, "bytes": outcome.copied_bytes,
+            "already_there": outcome.already_there, "failed": len(outcome.failed),
+            "unreadable": len(outcome.unreadable), "deleted": sum(
+                ours for _, ours, _ in outcome.deleted), "metadata": outcome.metadata_written,
+            "retried": RETRIED.value, "failed_by": dict(outcome.failed_by),
+            "rate_bytes": rate, "rate_instances": instance_rate,
+            "seconds_left": left / instance_rate if left and instance_rate > 0 else None,
+            "reached": run.reached(),
+            "uploads": copier.uploads.limit if copier is not None else 0,
+            "uploads_why": copier.uploads.why if copier is not None else "",
+            "paused_until": pause,
+            "next_pause": self.next_pause(limiter),
+            "bwlimit": limiter.timetable.text if limiter is not None else None,
+            "points": [[round(point[0], 1), point[1], point[2]] for point in points],
+            "years": self.year_rows(context),
+            "last_failures": [{"id": resource, "reason": reason} for resource, reason in
+                              outcome.failed[-STATUS_FAILURES:]]
+            + [{"id": instance, "reason": f"unreadable on the source: {reason}"}
+               for instance, _, reason, _ in outcome.unreadable[-STATUS_FAILURES:]],
+            "follow": {"lag_seconds": self.lag, "changes_pending": self.pending_changes,
+                       "last_look": self.last_look} if self.config.follow else None,
+        }
+
+    @staticmethod
+    def next_pause(limiter: Optional[RateLimiter]) -> Optional[str]:
+        if limiter is None:
+            return None
+        start = limiter.timetable.next_pause(limiter.minute())
+        return None if start is None else describe_minute(start)
+
+    def year_rows(self, context: Optional[Context]) -> list[dict]:
+        """Studies complete and left, by year of StudyDate, once the years are read."""
+        if context is None or self.years is None or not self.years.done() \
+                or self.years.exception() is not None:
+            return []
+        years = self.years.result()
+        complete = Counter(years.get(study, NO_DATE) for study in list(context.journal.studies)
+                           if study in years)
+        total = Counter(years.values())
+        return [{"year": year, "complete": complete[year], "left": total[year] - complete[year]}
+                for year in sorted(total, key=lambda row: ({"b": 0, "a": 2, "n": 3}.get(
+                    row[0], 1), row))]
+
+
+def metric_lines(state: dict, config: Config) -> list[str]:
+    """/metrics: Prometheus' text format (version 0.0.4)."""
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+    lines: list[str] = []
+    named: set[str] = set()
+
+    def metric(name: str, kind: str, text: str, value: Any,
+               labels: Optional[dict[str, str]] = None) -> None:
+        if value is None:
+            return
+        if name not in named:  # once a metric, whatever its labels
+            named.add(name)
+            lines.extend([f"# HELP replicate_{name} {text}", f"# TYPE replicate_{name} {kind}"])
+        shown = "" if not labels else "{" + ",".join(
+            f'{key}="{escape(str(item))}"' for key, item in labels.items()) + "}"
+        lines.append(f"replicate_{name}{shown} {float(value):.17g}")
+
+    metric("info", "gauge", "The run: version, servers (without credentials), order.", 1,
+           {"version": __version__, "source": redact_url(config.source.url),
+            "target": redact_url(config.target.url), "order": config.order,
+            "follow": str(config.follow).lower()})
+    metric("start_time_seconds", "gauge", "When the run started (Unix time).", state["started"])
+    metric("instances_copied_total", "counter", "Instances stored on the target.",
+           state["copied"])
+    metric("bytes_copied_total", "counter", "Bytes of the instances stored on the target.",
+           state["bytes"])
+    metric("instances_already_there_total", "counter", "Instances the target had already.",
+           state["already_there"])
+    for reason, count in sorted(state["failed_by"].items()) or [("none", 0)]:
+        metric("instances_failed_total", "counter", "Instances that could not be copied, by "
+               "reason.", count, {"reason": reason})
+    metric("retries_total", "counter", "Requests and operations tried again.", state["retried"])
+    metric("instances_deleted_total", "counter", "Instances --delete removed from the target.",
+           state["deleted"])
+    metric("metadata_items_total", "counter", "User metadata, attachments and labels written.",
+           state["metadata"])
+    metric("studies", "gauge", "Studies on the source (or selected).", state["studies"])
+    metric("studies_complete", "gauge", "Studies complete on the target (the save file).",
+           state["studies_complete"])
+    metric("instances_left", "gauge", "Instances not yet looked at or copied (the whole "
+           "source only).", state["instances_left"])
+    metric("rate_bytes_per_second", "gauge", "Bytes copied a second over the last minute.",
+           state["rate_bytes"])
+    metric("uploads_at_once", "gauge", "Uploads to the target at once.", state["uploads"])
+    metric("paused", "gauge", "1 while --bwlimit's timetable pauses the run.",
+           1 if state["paused_until"] else 0)
+    date = state["reached"]
+    if len(date) == 8 and date.isdigit():
+        metric("study_date_reached_seconds", "gauge", "The StudyDate the walk reached "
+               "(--order; Unix time of its midnight, UTC).",
+               calendar.timegm(time.strptime(date, "%Y%m%d")))
+    follow = state["follow"]
+    if follow is not None:
+        metric("follow_lag_seconds", "gauge", "Seconds since the oldest change the source "
+               "logged and the target does not hold yet was seen (0: in step).",
+               follow["lag_seconds"])
+        metric("follow_changes_pending", "gauge", "Changes seen and not yet processed.",
+               follow["changes_pending"])
+        metric("follow_last_look_seconds", "gauge", "When the last look at the source's "
+               "changes ended well (Unix time).", follow["last_look"])
+    return lines
+
+
+PAGE_STYLE = """body{font:15px system-ui,sans-serif;margin:1.5em;color:#222;max-width:60em}
+h1{font-size:1.3em}h2{font-size:1.05em;margin-top:1.5em}table{border-collapse:collapse}
+td,th{padding:.15em .8em .15em 0;text-align:left}td.n{text-align:right}
+.bar{height:.9em;background:#ddd;width:20em;display:inline-block;vertical-align:middle}
+.bar span{display:block;height:100%;background:#2a7}.warn{color:#b50}
+svg{border:1px solid #ccc;background:#fafafa}"""
+
+
+def status_page(state: dict, config: Config) -> str:
+    """/: one page, nothing from elsewhere, refreshing itself every 10 s. Escaped, and
+    showing no patient's name (none is read) and no credential."""
+    esc = html.escape
+
+    def count(value: Optional[float]) -> str:
+        return "?" if value is None else format_count(int(value))
+
+    done, total = state["instances_done"], state["instances"]
+    share = done / total if total else None
+    rows = [("State", state["state"]),
+            ("Studies", f"{count(state['studies_complete'])} complete of "
+                        f"{count(state['studies'])}"),
+            ("Instances", f"{count(done)} done of {count(total)}"
+                          + (f" ({share:.1%})" if share is not None else "")),
+            ("Copied", f"{count(state['copied'])} instances, {format_bytes(state['bytes'])}"),
+            ("Already there", count(state["already_there"])),
+            ("Failed", count(state["failed"])),
+            ("Unreadable on the source", count(state["unreadable"])),
+            ("Rate", f"{format_bytes(state['rate_bytes'])}/s, "
+                     f"{state['rate_instances']:.1f} instances/s (last minute)"),
+            ("Time left", format_duration(state["seconds_left"])
+             if state["seconds_left"] is not None else "?"),
+            ("Study date reached", "-" if not state["reached"] else state["reached"]
+             if not state["reached"].isdigit() else
+             f"{state['reached'][:4]}-{state['reached'][4:6]}-{state['reached'][6:]}"),
+            ("Uploads at once", f"{state['uploads']}"
+                                + (f" ({state['uploads_why']})" if state["uploads_why"] else "")),
+            ("Pause", f"paused {state['paused_until']}" if state["paused_until"] else
+             "running" + (f"; next pause {state['next_pause']}" if state["next_pause"] else "")
+             + (f" (--bwlimit {state['bwlimit']})" if state["bwlimit"] else ""))]
+    follow = state["follow"]
+    if follow is not None:
+        rows += [("Lag", f"{follow['lag_seconds']:.0f} s, {follow['changes_pending']} changes "
+                         "pending"),
+                 ("Last look", time.strftime("%Y-%m-%d %H:%M:%S",
+                                             time.localtime(follow["last_look"]))
+                  if follow["last_look"] else "not yet")]
+    table = "".join(f"<tr><th>{esc(name)}</th><td>{esc(value)}</td></tr>"
+                    for name, value in rows)
+    years = "".join(
+        f"<tr><td>{esc(row['year'])}</td><td class=n>{row['complete']:,}</td>"
+        f"<td class=n>{row['left']:,}</td><td><span class=bar><span style=\"width:"
+        f"{100 * row['complete'] / max(1, row['complete'] + row['left']):.1f}%\"></span>"
+        "</span></td></tr>" for row in state["years"])
+    failures = "".join(f"<li><code>{esc(item['id'])}</code>: {esc(item['reason'])}</li>"
+                       for item in state["last_failures"]) or "<li>none</li>"
+    return (
+        "<!DOCTYPE html><html><head><meta charset=utf-8><meta http-equiv=refresh content=10>"
+        f"<title>replicate.py: {esc(state['state'])}</title><style>{PAGE_STYLE}</style>"
+        f"</head><body><h1>replicate.py {esc(__version__)}: {esc(config.source.url)} to "
+        f"{esc(config.target.url)}</h1><table id=where>{table}</table>"
+        f"<h2>Rate over the run</h2>{rate_chart(state['points'])}"
+        "<h2>Studies by year of StudyDate</h2>"
+        + (f"<table id=years><tr><th>year</th><th>complete</th><th>left</th><th></th></tr>"
+           f"{years}</table>" if years else "<p id=years>not read yet</p>")
+        + f"<h2>Last failures</h2><ul id=failures>{failures}</ul>"
+        f"<p>Refreshed every 10 s; also <a href=\"/status.json\">status.json</a> and "
+        f"<a href=\"/metrics\">metrics</a>.</p></body></html>")
+
+
+def rate_chart(points: list[list]) -> str:
+    """An inline SVG of the bytes a second between the points of the run."""
+    rates = [((later[0] - points[0][0]), (later[2] - earlier[2]) / max(later[0] - earlier[0],
+                                                                       1e-9))
+             for earlier, later in zip(points, points[1:])]
+    if not rates:
+        return "<p id=chart>not enough points yet</p>"
+    width, height = 600, 120
+    span, top = max(rates[-1][0], 1e-9), max(rate for _, rate in rates) or 1.0
+    line = " ".join(f"{x / span * width:.1f},{height - rate / top * height:.1f}"
+                    for x, rate in rates)
+    return (f"<svg id=chart width={width} height={height} viewBox=\"0 0 {width} {height}\">"
+            f"<polyline fill=none stroke=#2a7 stroke-width=2 points=\"{line}\"/></svg>"
+            f"<div>top: {html.escape(format_bytes(top))}/s, over "
+            f"{html.escape(format_duration(span))}</div>")
+
+
+class StatusHandler(http.server.BaseHTTPRequestHandler):
+    """GET of /, /metrics and /status.json; anything else a 4xx. One request a connection,
+    a client that does not send its request within STATUS_TIMEOUT is dropped."""
+
+    server: "StatusServer"
+    protocol_version = default_request_version = "HTTP/1.0"  # a status line, even to garbage
+    server_version, sys_version = "replicate.py", ""
+    timeout = STATUS_TIMEOUT
+
+    def do_GET(self) -> None:  # noqa: N802
+        host = self.headers.get("Host", "")
+        name = host.rsplit(":", 1)[0].strip("[]") if not host.endswith("]") else \
+            host.strip("[]")
+        if self.server.loopback and name not in LOOPBACK_NAMES:
+            # a page elsewhere that names this address under its own host name (DNS
+            # rebinding) reads nothing
+            self.answer(400, "text/plain", b"this server answers to 127.0.0.1 only\n")
+            return
+        path = urllib.parse.urlsplit(self.path).path
+        pages = {"/": "text/html; charset=utf-8", "/metrics": "text/plain; version=0.0.4",
+                 "/status.json": "application/json"}
+        if path not in pages:
+            self.answer(404, "text/plain", b"not found: try /, /metrics or /status.json\n")
+            return
+        try:
+            body = self.server.render(path)
+        except Exception:  # the run changed under it: the next scrape reads it again
+            log.debug("status page:", exc_info=True)
+            self.answer(503, "text/plain", b"try again\n")
+            return
+        self.answer(200, pages[path], body.encode("utf-8"))
+
+    def answer(self, status: int, kind: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'none'; style-src "
+                         "'unsafe-inline'")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):  # every other method: 405, not http.server's 501
+            return lambda: self.answer(405, "text/plain", b"GET only\n")
+        raise AttributeError(name)
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        # a malformed request (http.server answers an unknown version 505): always a 4xx
+        super().send_error(code if code < 500 else 400, message, explain)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("status: %s %s", self.address_string(), format % args)
+
+
+class StatusServer(http.server.ThreadingHTTPServer):
+    """--status: the run's page, metrics and state, read-only, stopped with the run."""
+
+    daemon_threads = True
+    request_queue_size = 16
+
+    def __init__(self, address: tuple[str, int], watch: Watch) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, StatusHandler)
+        self.watch = watch
+        self.loopback = ipaddress.ip_address(address[0]).is_loopback \
+            if address[0][0].isdigit() or ":" in address[0] else address[0] == "localhost"
+        # its loop looks for the end of the run 10 times a second (0.5 s by default: the
+        # run's end would wait that long)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.1,), name="status",
+                                       daemon=True)
+
+    def render(self, path: str) -> str:
+        watch, config = self.watch, self.watch.config
+        if path == "/status.json":
+            return json.dumps({**report_record(config, watch.run, time.time() - watch.started),
+                               "differences": None, "live": watch.state()}, indent=1)
+        state = watch.state()
+        if path == "/metrics":
+            return "\n".join(metric_lines(state, config)) + "\n"
+        return status_page(state, config)
+
+    def start(self) -> "StatusServer":
+        self.thread.start()
+        host, port = self.server_address[:2]
+        log.info("status: http://%s:%d/ (and /metrics, /status.json)",
+                 f"[{host}]" if ":" in host else host, port)
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 # ---- the run: opening, the stages in order, closing -----------------------------------------
@@ -4684,9 +5171,35 @@ class Run:
         self.outcome = Outcome()
         self.context: Optional[Context] = None  # once both servers answered
         self.mirror: Optional[Mirror] = None  # --delete, --check
+        self.order: Optional[StudyOrder] = None  # --order, once the walk has begun
         self.started = False  # whether the walk began: the summary then says what it did
+        self.watch = Watch(self) if config.status or config.report else None
+        self.status: Optional[StatusServer] = None
+        if config.follow:
+            self.outcome.counted = set()
+
+    def reached(self) -> str:
+        """The StudyDate the walk has reached (--order), as it stands."""
+        return self.order.reached if self.order is not None else self.outcome.reached
 
     def execute(self) -> None:
+        config = self.config
+        if config.status is not None and self.watch is not None:
+            try:
+                self.status = StatusServer(config.status, self.watch).start()
+            except (OSError, ValueError) as error:
+                raise UsageError(f"--status {config.status[0]}:{config.status[1]}: cannot serve "
+                                 f"there ({getattr(error, 'strerror', None) or error}); choose "
+                                 "another port") from None
+        try:
+            self.connected()
+        finally:
+            if self.status is not None:
+                self.status.stop()
+            if self.watch is not None:
+                self.watch.stop()
+
+    def connected(self) -> None:
         config = self.config
         source = connect(config.source, config, self.stop)
         target = connect(config.target, config, self.stop)
@@ -4701,7 +5214,10 @@ class Run:
                         FAR_REQUESTS_MAX if config.pace else config.threads, config.pace)
         if config.accept is not None and config.accept.uids:
             config.accept.resolve(source, config.threads)
-        self.context = Context(config, self.stop, source, target, journal, copier, self.outcome)
+        self.context = Context(config, self.stop, source, target, journal, copier, self.outcome,
+                               watch=self.watch)
+        if self.watch is not None:
+            self.watch.start()
         background = ThreadPoolExecutor(1, thread_name_prefix="changes")
         try:
             self.introduce(warnings)
@@ -4820,8 +5336,12 @@ class Run:
                                 int(statistics["CountStudies"]))
         total = None if statistics is None else max(
             0, int(statistics["CountInstances"]) - outcome.skipped_instances)
-        order = StudyOrder(context.source, self.config.order, self.config.threads) \
+        order = self.order = StudyOrder(context.source, self.config.order, self.config.threads) \
             if work and self.config.order != "source" and not self.config.dry_run else None
+        if self.watch is not None:
+            archive = None if statistics is None else int(statistics["CountStudies"])
+            self.watch.walking(context.source, studies, None if statistics is None else
+                               int(statistics["CountInstances"]), archive)
         if order is not None:
             self.say(f"Order:         {self.config.order} StudyDate first, studies without one "
                      "last")
@@ -5025,6 +5545,7 @@ def options_record(config: Config) -> dict:
         "delete": config.delete, "max_delete": config.max_delete, "check": config.check,
         "query": config.query, "studies": config.studies, "order": config.order,
         "save": str(config.save),
+        "status": None if config.status is None else f"{config.status[0]}:{config.status[1]}",
         "tls_verify": config.tls_verify if config.tls_verify is not True else True,
         # names only: a header's value may be a token
         "headers": {endpoint.role: [name for name, _ in endpoint.headers]
@@ -5034,14 +5555,18 @@ def options_record(config: Config) -> dict:
     }
 
 
-def write_report(path: Path, config: Config, run: Run, elapsed: float) -> None:
-    """The JSON record of a run, written whole (through a temporary file) at its end; --check's
-    differences are copied from their spool, a study a line."""
+def write_report(path: Path, config: Config, run: Run, elapsed: float,
+                 spool: bool = True) -> None:
+    """The JSON record of a run, written whole through a temporary file renamed over it (a
+    reader never sees half of one); --check's differences are copied from their spool, a
+    study a line, at the end (not `spool`: while the run goes on, they are not listed)."""
     report = {**report_record(config, run, elapsed), "options": options_record(config)}
-    differences = run.mirror.differences if run.mirror is not None else None
+    differences = run.mirror.differences if run.mirror is not None and spool else None
     temporary = path.with_name(path.name + ".tmp")
     head, _, tail = (json.dumps(report, indent=2) + "\n").partition(
         json.dumps(DIFFERENCES_HERE))
+    if not spool and tail:
+        head, tail = head + json.dumps("listed when the run ends"), tail
     with open(temporary, "w", encoding="utf-8") as file:
         file.write(head)
         if differences is not None:
@@ -5225,7 +5750,12 @@ def _setup_argparser() -> ArgumentParser:
                              "order given)")
     output_report = parser.add_argument_group("report")
     output_report.add_argument("--report", metavar="FILE", default=None,
-                               help="write a JSON summary of the run to FILE (default: none)")
+                               help="write a JSON summary of the run to FILE, every minute "
+                                    "while it runs and at its end (default: none)")
+    output_report.add_argument("--status", metavar="[ADDR:]PORT", default=None,
+                               help="serve the run's page (/), Prometheus metrics (/metrics) "
+                                    "and state (/status.json) on PORT of ADDR, read-only "
+                                    "(default: off; ADDR 127.0.0.1)")
     output_report.add_argument("--csv", metavar="FILE", default=None,
                                help="with --check, every difference, one a line, to FILE for a "
                                     "spreadsheet (default: none)")
@@ -5345,6 +5875,7 @@ def parse_config(argv: Optional[list[str]], environ: dict) -> Config:
                   quiet=args.quiet, verbose=args.verbose, prompt=not args.no_prompt,
                   tls_verify=tls_verify, verify=args.verify,
                   verify_sample=args.verify_sample,
+                  status=parse_status(args.status) if args.status else None,
                   accept=Accepted.read(Path(args.accept)) if args.accept else None)
 
 

@@ -24,6 +24,9 @@ The `check` part times --check of the scale corpus against an empty target, with
 next to the tool and 80 ms away, and --check --recheck of a complete target (beside another
 version's replicate.py with --baseline).
 
+The `status` part copies mixed with --status read every second (page, metrics, state) and
+without, in turn: the tool's CPU seconds pair by pair.
+
 The `verify` part times --verify of the mixed corpus' shape into a target that stores it as it
 came and into one that re-encodes it to JPEG-LS lossless: CPU seconds per GB of each side.
 
@@ -782,6 +785,56 @@ def verifications(scale: str, work: Path, cache: Path) -> list[str]:
     return lines
 
 
+def watched(scale: str, work: Path, cache: Path, repeat: int) -> list[str]:
+    """The mixed corpus copied with --status, its page, metrics and state read every second
+    (as a Prometheus scrape and an open page would), against the same copy without, in turn:
+    the tool's CPU seconds, pair by pair."""
+    from orthanc import free_port
+    source = OrthancServer(work / "status-source", "SOURCE").start()
+    lines = ["| copy of mixed | without --status | with --status, read every second | "
+             "ratio of tool CPU |", "| --- | ---: | ---: | ---: |"]
+    ratios = []
+    try:
+        load(source, generate("mixed", scale, cache))
+        for attempt in range(max(repeat, 3)):
+            pair = []
+            for status in (False, True):
+                target = fresh_target(work, "status")
+                port, stop, reads = free_port(), threading.Event(), [0]
+
+                def scrape() -> None:
+                    session = requests.Session()
+                    while not stop.wait(1.0):
+                        for path in ("/metrics", "/status.json", "/"):
+                            try:
+                                session.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+                                reads[0] += 1
+                            except requests.RequestException:
+                                pass
+                scraper = threading.Thread(target=scrape)
+                try:
+                    settle()
+                    scraper.start() if status else None
+                    timing, _, _, _ = ours(source, target, target.folder / "save",
+                                           options=("--status", str(port)) if status else ())
+                    check_copy(source, target, scale == "smoke")
+                finally:
+                    stop.set()
+                    scraper.join() if status else None
+                    discard(target)
+                pair.append((timing, reads[0]))
+            (plain, _), (seen, count) = pair
+            ratios.append(seen.client_cpu / max(plain.client_cpu, 1e-9))
+            lines.append(f"| pair {attempt + 1} | {plain.client_cpu:.2f} s CPU, "
+                         f"{plain.seconds:.2f} s | {seen.client_cpu:.2f} s CPU, "
+                         f"{seen.seconds:.2f} s, {count} answers read | {ratios[-1]:.3f} |")
+        ratios.sort()
+        lines.append(f"| median | | | {ratios[len(ratios) // 2]:.3f} |")
+    finally:
+        discard(source)
+    return lines
+
+
 SOAK_RATE = 2.0  # instances a second arriving on the source
 SOAK_STUDY = 20  # instances a study
 SOAK_DELETE_EVERY = 300.0  # seconds between deletions of a study on the source
@@ -1057,8 +1110,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "those into a target larger than this machine, check the --check "
                              "of the scale corpus, soak a --follow under arrivals for "
                              "--minutes, savefile a restart on a year of following, verify "
-                             "--verify into a target that re-encodes (these three not in the "
-                             "default) (default: all but soak, savefile and verify)")
+                             "--verify into a target that re-encodes, status a copy watched "
+                             "through --status (these four not in the default) (default: all "
+                             "but soak, savefile, verify and status)")
     parser.add_argument("--minutes", type=float, default=20.0,
                         help="how long the soak part follows (default: 20)")
     parser.add_argument("--baseline", default=None, metavar="SCRIPT",
@@ -1075,7 +1129,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         corpora = args.corpora.split(",")
         local = [corpus for corpus in corpora
-                 if corpus not in ("wan", "check", "capped", "soak", "savefile", "verify")]
+                 if corpus not in ("wan", "check", "capped", "soak", "savefile", "verify",
+                                   "status")]
         lines = run(local, args.repeat, args.scale, work, Path(args.cache)) if local else []
         if "wan" in corpora:
             lines += [""] + wan(args.scale, work, Path(args.cache))
@@ -1088,6 +1143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             lines += [""] + save_file_year(work, args.baseline, args.scale)
         if "verify" in corpora:
             lines += [""] + verifications(args.scale, work, Path(args.cache))
+        if "status" in corpora:
+            lines += [""] + watched(args.scale, work, Path(args.cache), args.repeat)
         if "soak" in corpora:
             lines += [""] + soak(args.minutes, work, Path(args.cache), args.baseline,
                                  args.scale)

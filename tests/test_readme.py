@@ -33,7 +33,7 @@ def test_each_recipe_is_found_from_the_first_screen() -> None:
     first = "\n".join(README.splitlines()[:60])
     headings = re.findall(r"(?m)^### (.+)$", README[README.index("## Recipes"):
                                                     README.index("## Reference")])
-    assert len(headings) == 9
+    assert len(headings) == 10
     for heading in headings:
         anchor = "#" + re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
         assert f"]({anchor})" in first, heading
@@ -54,3 +54,16 @@ def test_the_demo_runs_in_one_command() -> None:
                  "instance of the old one", "removed both servers"):
         assert step in out, out[-3000:]
     assert "--- exit status 130" in out  # the interruption did interrupt
+
+
+def test_the_alert_rules_and_the_scrape_block_load_in_prometheus(tmp_path: Path) -> None:
+    """The watching recipe's YAML, as Prometheus' own checker reads it."""
+    section = README[README.index("### Watching a long run"):]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)[:2]
+    scrape, rules = blocks
+    (tmp_path / "rules.yml").write_text(rules)
+    (tmp_path / "prometheus.yml").write_text(f"{scrape}rule_files: [rules.yml]\n")
+    answer = subprocess.run(["/usr/bin/promtool", "check", "config",
+                             str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert "4 rules found" in answer.stdout + answer.stderr

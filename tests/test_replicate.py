@@ -529,3 +529,11 @@ def test_benchmark_verify_smoke(tmp_path) -> None:
     assert "17 instances, 17 by MD5;" in text, text
     assert "17 instances, 17 re-encoded: tags and pixels;" in text, text
     assert text.count("17 instances, ") == 3, text  # the sample's case too
+
+
+def test_benchmark_status_smoke(tmp_path) -> None:
+    """The benchmark's --status part at seconds scale: three pairs and their median."""
+    import benchmark
+    lines = benchmark.watched("smoke", tmp_path / "work", tmp_path / "cache", 1)
+    assert sum(line.startswith("| pair ") for line in lines) == 3, lines
+    assert lines[-1].startswith("| median |"), lines

@@ -1186,3 +1186,43 @@ def test_which_download_errors_say_the_source_lost_its_file() -> None:
     target = HttpStatusError("target", "POST", "/instances", 500, json.dumps(
         {"OrthancStatus": 2006}))
     assert replicate.unreadable_reason(target) is None
+
+
+# ---- watching a run --------------------------------------------------------------------------
+def test_metrics_name_each_metric_once_whatever_its_labels() -> None:
+    config = replicate.Config.from_argv(["http://old:8042", "http://new:8042", "--follow"])
+    state = {"started": 1.0, "copied": 3, "bytes": 30, "already_there": 0, "retried": 2,
+             "failed_by": {"http_500": 1, "http_503": 2, "transport": 1, "refused_by_target": 4},
+             "deleted": 0, "metadata": 0, "studies": 2, "studies_complete": 1,
+             "instances_left": None, "rate_bytes": 1.5, "uploads": 4, "paused_until": None,
+             "reached": "20240131", "follow": {"lag_seconds": 12.5, "changes_pending": 3,
+                                               "last_look": 100.0}}
+    lines = replicate.metric_lines(state, config)
+    types = [line.split()[2] for line in lines if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))
+    assert 'replicate_instances_failed_total{reason="http_503"} 2' in lines
+    assert "replicate_instances_left" not in "\n".join(lines)  # not known: not given
+    assert "replicate_study_date_reached_seconds 1706659200" in lines
+    assert "replicate_follow_lag_seconds 12.5" in lines
+    assert all(line.startswith("#") or line.split()[-1].replace(".", "").replace(
+        "e+", "").isdigit() for line in lines)
+
+
+@pytest.mark.parametrize("text, address", [("8099", ("127.0.0.1", 8099)),
+                                           ("0.0.0.0:8099", ("0.0.0.0", 8099)),
+                                           ("[::1]:0", ("::1", 0))])
+def test_status_addresses(text: str, address: tuple) -> None:
+    assert replicate.parse_status(text) == address
+
+
+@pytest.mark.parametrize("text", ["", "host:", "8099x", "70000", "a:b"])
+def test_status_addresses_that_are_not(text: str) -> None:
+    with pytest.raises(UsageError, match="give PORT or ADDR:PORT"):
+        replicate.parse_status(text)
+
+
+def test_the_next_pause_of_a_timetable() -> None:
+    table = replicate.parse_bwlimit("Mon-07:00,pause Mon-20:00,off Tue-07:00,pause Tue-20:00,1M")
+    assert table.next_pause(6 * 60) == 7 * 60  # Monday 06:00: Monday 07:00
+    assert table.next_pause(21 * 60) == 24 * 60 + 7 * 60  # Monday 21:00: Tuesday 07:00
+    assert replicate.parse_bwlimit("08:00,512K 19:00,off").next_pause(0) is None
