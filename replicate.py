@@ -4186,11 +4186,15 @@ LOSSLESS_SYNTAXES = frozenset([
     "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201",
     "1.2.840.10008.1.2.4.202"])
 PIXEL_DATA, NUMBER_OF_FRAMES = "7fe0,0010", "0028,0008"
+# Orthanc's NotImplemented: what 1.10 answers for frames of a syntax it has no decoder of
+# (JPEG 2000 stored through the GDCM plugin, whose decoder /numpy does not use)
+NOT_IMPLEMENTED = 2
 # How --verify compared an instance, as the summary says it
 COMPARED = {"md5": "by MD5",
             "pixels": "re-encoded: tags and pixels",
             "lossy": "re-encoded with a lossy syntax: tags only",
             "no_pixels": "re-encoded: tags only (Orthanc before 1.10 decodes no pixels)",
+            "no_decoder": "re-encoded: tags only (a server decodes no pixels of that syntax)",
             "sampled_out": "re-encoded: tags only (outside --verify-sample)"}
 
 
@@ -4212,10 +4216,28 @@ def kept_tags(tags: dict) -> dict:
             if not tag.startswith("0002,") and tag != PIXEL_DATA}
 
 
+def same_value(first: Optional[dict], second: Optional[dict]) -> bool:
+    """Whether two of /tags' values are the same: equal, or the same numbers written another
+    way ("-1024.0" and "-1024": GDCM's writer rewrites decimal strings so; /tags gives no VR
+    to tell a decimal string from text, and a change of text that keeps its number is not one
+    an encoder makes)."""
+    if first == second:
+        return True
+    values = [(item or {}).get("Value") for item in (first, second)]
+    if not all(isinstance(value, str) and value for value in values):
+        return False
+    try:
+        numbers = [[float(part) for part in value.split("\\")] for value in values]
+    except ValueError:
+        return False
+    return numbers[0] == numbers[1]
+
+
 def tags_differ(source: dict, target: dict) -> list[str]:
     """The tags (with their names) whose values differ, in order."""
     return [f"{tag} {(source.get(tag) or target.get(tag) or {}).get('Name', '')}".strip()
-            for tag in sorted(set(source) | set(target)) if source.get(tag) != target.get(tag)]
+            for tag in sorted(set(source) | set(target))
+            if not same_value(source.get(tag), target.get(tag))]
 
 
 def read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
@@ -4265,8 +4287,11 @@ def pixel_digest(server: OrthancClient, instance_id: str, frames: int) -> str:
                 raise TransportError(server.role, "GET", path, CUT_SHORT) from error
             response.release_conn()
         return digest.hexdigest()
+    def worth(error: BaseException) -> bool:  # no decoder: no retry brings one
+        return classify(error) == RETRY and not (
+            isinstance(error, HttpStatusError) and error.orthanc_status == NOT_IMPLEMENTED)
     return call_with_retries(once, f"{server.role} pixels of instance {instance_id}",
-                             server.policy, server.stop)
+                             server.policy, server.stop, worth)
 
 
 def verify_instance(source: OrthancClient, target: OrthancClient, instance_id: str,
@@ -4302,23 +4327,23 @@ def verify_instance(source: OrthancClient, target: OrthancClient, instance_id: s
         else:
             verdict = Verdict("pixels" if pixels else "sampled_out")
         differ = tags_differ(*tags)
-        if differ:
-            verdict.problem = (f"different on the target (re-encoded from {syntaxes[0]} to "
-                               f"{syntaxes[1]}; tags differ: {', '.join(differ[:3])}"
-                               + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-                               + ")")
-        elif verdict.how == "pixels":
+        found_out = [f"tags differ: {', '.join(differ[:3])}"
+                     + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")] \
+            if differ else []
+        if verdict.how == "pixels":
             frames = int((tags[0].get(NUMBER_OF_FRAMES) or {}).get("Value") or 1)
             try:
-                same = pixel_digest(source, instance_id, frames) == \
-                    pixel_digest(target, instance_id, frames)
-            except HttpStatusError as error:  # a server that cannot decode what it holds
-                verdict.problem = f"pixels not compared: {error}"
-            else:
-                if not same:
-                    verdict.problem = (f"different on the target (re-encoded from "
-                                       f"{syntaxes[0]} to {syntaxes[1]}; the decoded pixels "
-                                       "differ)")
+                if pixel_digest(source, instance_id, frames) != \
+                        pixel_digest(target, instance_id, frames):
+                    found_out.append("the decoded pixels differ")
+            except HttpStatusError as error:
+                if error.orthanc_status != NOT_IMPLEMENTED:  # cannot decode what it holds
+                    found_out.append(f"pixels not compared: {error}")
+                verdict.how = "no_decoder" if error.orthanc_status == NOT_IMPLEMENTED \
+                    else verdict.how
+        if found_out:
+            verdict.problem = (f"different on the target (re-encoded from {syntaxes[0]} to "
+                               f"{syntaxes[1]}; {'; '.join(found_out)})")
     if verdict.problem or verdict.how == "pixels":
         verdict.fault = source_fault(source, instance_id)
     return verdict

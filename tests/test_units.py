@@ -1121,6 +1121,17 @@ def test_tags_an_encoding_keeps_leave_out_the_meta_group_and_the_pixels() -> Non
         "0008,2111 DerivationDescription", "0010,0010 PatientName"]
 
 
+@pytest.mark.parametrize("first, second, same", [
+    ("-1024.0", "-1024", True), ("0.0\\0.0\\0.0", "0\\0\\0", True), ("1.5e1", "15", True),
+    ("0.5\\0.5", "0.5\\0.6", False), ("0.5\\0.5", "0.5", False), ("A^B", "A^B ", False),
+    ("", "0", False), ("nan", "nan", True)])
+def test_values_that_are_the_same_numbers_written_another_way(first: str, second: str,
+                                                              same: bool) -> None:
+    values = [{"Name": "RescaleIntercept", "Type": "String", "Value": value}
+              for value in (first, second)]
+    assert replicate.same_value(*values) is same
+
+
 def test_a_sample_of_studies_is_the_same_on_every_run() -> None:
     studies = [f"{number:08x}-00000000-00000000-00000000-00000000" for number in range(2000)]
     taken = [study for study in studies if replicate.in_sample(study, 10)]
