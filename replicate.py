@@ -4112,7 +4112,10 @@ def upload_fault(source: OrthancClient, instance: str, error: BaseException) -> 
     reason = unreadable_reason(error)
     if reason is None and isinstance(error, HttpStatusError) and error.role == "target" \
             and error.orthanc_status == BAD_FILE_FORMAT:
-        reason = source_fault(source, instance)
+        try:
+            reason = source_fault(source, instance)
+        except (GaveUp, RequestError):  # cannot tell: the failure stays the target's answer
+            return None
     return reason
 
 
