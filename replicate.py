@@ -420,7 +420,13 @@ class Seen:
 
 class Rejected(Exception):
     """The target answered an upload without storing the instance (a Status other than
-    Success or AlreadyStored, or another ID: it changed what it received)."""
+    Success or AlreadyStored), or stored it under another ID (`renamed`: it changed what it
+    received, a lossy re-encoding's new SOPInstanceUID most often; each upload would store
+    one more copy, so the run stops)."""
+
+    def __init__(self, message: str, renamed: bool = False) -> None:
+        self.renamed = renamed
+        super().__init__(message)
 
 
 @dataclass
@@ -965,7 +971,9 @@ def classify(error: BaseException) -> str:
         if error.orthanc_status in LASTING_ORTHANC_ERRORS:
             return RESOURCE
         return RETRY if error.status in (408, 429) or error.status >= 500 else RESOURCE
-    return RESOURCE if isinstance(error, Rejected) else DEFECT
+    if isinstance(error, Rejected):
+        return DEFECT if error.renamed else RESOURCE
+    return RESOURCE if isinstance(error, Unreadable) else DEFECT
 
 
 def stops_run(error: BaseException) -> bool:
@@ -2726,6 +2734,12 @@ class Copier:
             for instance in batch.instances:
                 result.failed.append((instance, error))
             return result
+        strangers = answers.keys() - {instance.id for instance in batch.instances}
+        if strangers:  # sent one by one, each would be stored under a new ID again
+            error = renamed(f"{len(batch.instances)} instances ({batch.instances[0].id} ...)",
+                            min(strangers))
+            result.failed.extend((instance, error) for instance in batch.instances)
+            return result
         unconfirmed = []
         for instance in batch.instances:
             status = answers.get(instance.id)
@@ -2766,9 +2780,8 @@ class Copier:
                 continue
             status = answer.get("Status") if isinstance(answer, dict) else None
             if status in STORED_STATUSES and answer.get("ID") not in (None, instance.id):
-                result.failed.append((instance, Rejected(
-                    f"the target stored it as {answer.get('ID')} (does it transcode what it "
-                    "receives?)")))
+                result.failed.append((instance, renamed(f"instance {instance.id}",
+                                                        answer.get("ID"))))
             else:
                 result.answered(instance, status)
         return result
@@ -2980,6 +2993,13 @@ class Copier:
                 self.downloads -= 1
         self.download_pace.done()
         return content
+
+
+def renamed(what: str, stored_as: str) -> Rejected:
+    return Rejected(f"the target stored {what} under another ID ({stored_as}): it changes what "
+                    "it receives (a lossy IngestTranscoding gives each instance a new "
+                    "SOPInstanceUID), and each copy would store one more; give it a lossless "
+                    "IngestTranscoding or none", renamed=True)
 
 
 def stored_zip(files: list[tuple[str, bytes]]) -> bytes:
@@ -3443,6 +3463,10 @@ class Walk:
         outcome.vanished += len(result.vanished)
         for instance, error in result.failed:
             open_studies[instance.study][3] = True
+            if stops_run(error):  # the target renames what it stores: no more uploads
+                self.broken = self.broken or error
+                outcome.failed.append((instance.id, describe_error(error)))
+                continue  # said once, as the run's last line
             if not isinstance(error, Unreadable) or not (
                     self.config.accept is not None and instance.id in self.config.accept):
                 outcome.failed_by[failure_reason(error)] += 1
@@ -6022,6 +6046,8 @@ def error_status(error: BaseException) -> tuple[int, str]:
         code, message = EXIT_INTERRUPTED, "interrupted; run the same command again to resume"
     elif isinstance(error, ReplicateError):
         code, message = error.exit_code, f"replicate.py: {error}"
+    elif isinstance(error, Rejected):  # a target that renames what it stores
+        message = f"replicate.py: stopped: {describe_error(error)}"
     elif not stops_run(error) or classify(error) == UNREACHABLE:  # a request's, at last
         code, message = EXIT_SERVER, f"replicate.py: {describe_error(error)}"
     else:  # an answer no Orthanc gives, or a bug

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pydicom
@@ -173,12 +174,33 @@ def test_lossy_files_are_compared_by_tags_and_kept_ones_by_md5(make_server, new_
     assert code == 0, err
     assert "Verified:      3 instances, 3 by MD5;" in out
 
-    # a target that would re-encode to a lossy syntax gives each instance a new identity
+    # a target that would re-encode to a lossy syntax gives each instance a new identity:
+    # 1.12 says so before anything is sent
     lossy = make_server("LOSSY", binary=new_orthanc, IngestTranscoding=JPEG_BASELINE)
     code, out, err = run(capsys, args(source, lossy, tmp_path / "three"))
     assert code == 2, err
     assert "a lossy syntax: it gives each instance a new SOPInstanceUID" in err
     assert lossy.instances() == set()
+
+
+def test_a_target_that_renames_what_it_stores_stops_the_run(make_server, tmp_path,
+                                                            capsys) -> None:
+    """1.10 does not tell its IngestTranscoding: the first upload answered with other IDs
+    stops the run, even with --ignore-errors, instead of storing new copies of each."""
+    source = make_server("SOURCE")
+    source.upload(eight_bit_files(tmp_path / "one", 3) + eight_bit_files(tmp_path / "two", 3))
+    target = make_server("TARGET", IngestTranscoding=JPEG_BASELINE)
+    save = tmp_path / "save"
+    for attempt in range(2):
+        code, out, err = run(capsys, args(source, target, save, "--ignore-errors", "--threads",
+                                          "1"))
+        assert code == 1, err
+        assert re.search(r"replicate.py: stopped: the target stored \d+ instances \(", err), err
+        assert "under another ID" in err and "lossless IngestTranscoding or none" in err
+        assert "Traceback" not in err and "copy failed" not in err  # said once
+    # the first batch, once in each run; never again one by one (which made 24 of 6)
+    assert 0 < len(target.instances()) <= 12
+    assert not target.instances() & source.instances()
 
 
 def storage_file(server: OrthancServer, instance: str) -> Path:

@@ -151,6 +151,8 @@ def test_version_at_least() -> None:
     (replicate.GaveUp(HttpStatusError("target", "POST", "/instances", 503, ""), 9),
      replicate.RESOURCE),
     (replicate.Rejected("the target answered Status FilteredOut"), replicate.RESOURCE),
+    (replicate.Rejected("stored under another ID", renamed=True), replicate.DEFECT),
+    (replicate.Unreadable("its file is gone"), replicate.RESOURCE),
     (replicate.UnexpectedAnswer("source", "GET", "/studies", "HTML"), replicate.DEFECT),
     (ValueError("bug"), replicate.DEFECT),
 ])
