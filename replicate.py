@@ -497,6 +497,14 @@ class Outcome:
     exit_status: int = EXIT_OK  # the command's (see the module's docstring)
     error: Optional[str] = None  # the line that says why an error ended the run, if one did
 
+    def found_unreadable(self, instance: str, study: str, reason: str,
+                         accept: Optional["Accepted"]) -> bool:
+        """An instance the source cannot serve as it received it; whether --accept accepts
+        it."""
+        accepted = accept is not None and instance in accept
+        self.unreadable.append((instance, study, reason, accepted))
+        return accepted
+
     @property
     def unaccepted(self) -> int:
         """Instances unreadable on the source that --accept does not accept."""
@@ -3409,8 +3417,7 @@ class Walk:
         if not self.again:
             outcome.present += check.present
         for instance, reason in check.unreadable:
-            outcome.unreadable.append((instance.id, study, reason, self.config.accept is not None
-                                       and instance.id in self.config.accept))
+            outcome.found_unreadable(instance.id, study, reason, self.config.accept)
         outcome.vanished += check.vanished
         missing_bytes = sum(instance.size for instance in check.missing)
         outcome.missing += len(check.missing)
@@ -3467,16 +3474,15 @@ class Walk:
                 self.broken = self.broken or error
                 outcome.failed.append((instance.id, describe_error(error)))
                 continue  # said once, as the run's last line
-            if not isinstance(error, Unreadable) or not (
-                    self.config.accept is not None and instance.id in self.config.accept):
-                outcome.failed_by[failure_reason(error)] += 1
             if isinstance(error, Unreadable):
-                accepted = self.config.accept is not None and instance.id in self.config.accept
-                outcome.unreadable.append((instance.id, instance.study, error.reason, accepted))
+                accepted = outcome.found_unreadable(instance.id, instance.study,
+                                                    error.reason, self.config.accept)
+                outcome.failed_by[failure_reason(error)] += not accepted
                 log.log(logging.INFO if accepted else logging.ERROR,
                         "unreadable on the source: instance %s (study %s): %s%s", instance.id,
                         instance.study, error.reason, " (accepted)" if accepted else "")
                 continue
+            outcome.failed_by[failure_reason(error)] += 1
             outcome.failed.append((instance.id, describe_error(error)))
             if isinstance(error, HttpStatusError) and error.role == "target" \
                     and error.status == 413:  # a proxy's body limit
@@ -3707,6 +3713,23 @@ YEAR_COLUMNS = ("source_studies", "source_instances", "target_studies", "target_
 YEAR_SIDES = ("source", "target", "missing", "unreadable", "extra")
 
 
+def year_place(row: str) -> tuple[int, str]:
+    """Where a row of the table by year goes: years in order, "before" first, "after" and
+    NO_DATE last."""
+    return {"b": 0, "a": 2, "n": 3}.get(row[0], 1), row
+
+
+def study_years(source: OrthancClient, studies: list[str], archive: Optional[int],
+                threads: int) -> dict[str, str]:
+    """The row of each study (see year_label), read from the source; `archive`: how many
+    studies it holds (None: ask)."""
+    if not studies:
+        return {}
+    count = archive if archive is not None else int(source.get("/statistics")["CountStudies"])
+    return {study: year_label(when[0])
+            for study, when in study_dates(source, studies, count, threads)}
+
+
 def year_label(date: str) -> str:
     """The row of --check's table a StudyDate counts in: its year, or NO_DATE."""
     if not date[:4].isdigit():
@@ -3734,16 +3757,8 @@ class YearTable:
     def look_up(self, pool: ThreadPoolExecutor, source: OrthancClient, studies: list[str],
                 archive: Optional[int], threads: int) -> None:
         """Read, on `pool`, the rows of the `studies` the save file gives no date of."""
-        studies = [study for study in studies if study not in self.dates]
-
-        def read() -> dict[str, str]:
-            if not studies:
-                return {}
-            count = archive if archive is not None else int(
-                source.get("/statistics")["CountStudies"])
-            return {study: year_label(when[0])
-                    for study, when in study_dates(source, studies, count, threads)}
-        self.years = pool.submit(read)
+        self.years = pool.submit(study_years, source, [
+            study for study in studies if study not in self.dates], archive, threads)
 
     def add(self, study: str, source: int, target: int, missing: int = 0, extra: int = 0,
             trusted: bool = False, row: Optional[str] = None, unreadable: int = 0) -> None:
@@ -3776,9 +3791,7 @@ class YearTable:
     def records(self) -> list[dict]:
         """A record a row, years in order and NO_DATE last, then the total."""
         self.settle()
-        def place(row: str) -> tuple[int, str]:
-            return ({"b": 0, "a": 2, "n": 3}.get(row[0], 1), row)
-        rows = sorted(self.rows, key=place)
+        rows = sorted(self.rows, key=year_place)
         total: Counter[str] = sum((self.rows[row] for row in rows), Counter())
         return [{"year": row, **{column: counts[column] for column in YEAR_COLUMNS}}
                 for row, counts in [*((row, self.rows[row]) for row in rows), ("total", total)]]
@@ -4413,8 +4426,7 @@ def verify_all(context: Context, progress: Progress, studies: list[str],
                 if verdict.how is not None:
                     outcome.verified_by[verdict.how] += 1
                 if verdict.fault is not None:
-                    accepted = config.accept is not None and instance in config.accept
-                    outcome.unreadable.append((instance, study, verdict.fault, accepted))
+                    outcome.found_unreadable(instance, study, verdict.fault, config.accept)
                     unreadable.append(instance)
                     reasons[instance] = verdict.fault
                 elif verdict.problem is not None:
@@ -4827,15 +4839,9 @@ class Watch:
                 archive: Optional[int]) -> None:
         """The walk begins: with --status, the studies' years are read beside it."""
         self.total = total
-        if not self.config.status:
-            return
-
-        def read() -> dict[str, str]:
-            count = archive if archive is not None else int(
-                source.get("/statistics")["CountStudies"])
-            return {study: year_label(when[0]) for study, when in study_dates(
-                source, studies, count, self.config.threads)}
-        self.years = self.reader.submit(read)
+        if self.config.status:
+            self.years = self.reader.submit(study_years, source, studies, archive,
+                                            self.config.threads)
 
     def write_report(self) -> None:
         """--report as the run stands (its --check differences are listed at the end)."""
@@ -4928,8 +4934,7 @@ class Watch:
                            if study in years)
         total = Counter(years.values())
         return [{"year": year, "complete": complete[year], "left": total[year] - complete[year]}
-                for year in sorted(total, key=lambda row: ({"b": 0, "a": 2, "n": 3}.get(
-                    row[0], 1), row))]
+                for year in sorted(total, key=year_place)]
 
 
 def metric_lines(state: dict, config: Config) -> list[str]:
