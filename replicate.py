@@ -4162,8 +4162,8 @@ class Accepted:
     lines), or a list: an Orthanc instance ID or a SOPInstanceUID a line, `#` comments. An
     instance counts as accepted only while the source still cannot serve it."""
 
-    def __init__(self, path: Path, ids: set[str], uids: set[str]) -> None:
-        self.path, self.ids, self.uids = path, ids, uids
+    def __init__(self, ids: set[str], uids: set[str]) -> None:
+        self.ids, self.uids = ids, uids
 
     @classmethod
     def read(cls, path: Path) -> "Accepted":
@@ -4193,7 +4193,7 @@ class Accepted:
                 elif word:
                     raise UsageError(f"--accept {path}, line {number}: {word[:40]!r} is neither "
                                      "an Orthanc instance ID nor a SOPInstanceUID")
-        return cls(path, ids, uids)
+        return cls(ids, uids)
 
     def resolve(self, source: OrthancClient, threads: int) -> None:
         """The listed SOPInstanceUIDs as the source's instance IDs (one lookup each)."""
@@ -4377,10 +4377,10 @@ def verify_instance(source: OrthancClient, target: OrthancClient, instance_id: s
                         pixel_digest(target, instance_id, frames):
                     found_out.append("the decoded pixels differ")
             except HttpStatusError as error:
-                if error.orthanc_status != NOT_IMPLEMENTED:  # cannot decode what it holds
+                if error.orthanc_status == NOT_IMPLEMENTED:
+                    verdict.how = "no_decoder"
+                else:  # a server that cannot decode what it holds
                     found_out.append(f"pixels not compared: {error}")
-                verdict.how = "no_decoder" if error.orthanc_status == NOT_IMPLEMENTED \
-                    else verdict.how
         if found_out:
             verdict.problem = (f"different on the target (re-encoded from {syntaxes[0]} to "
                                f"{syntaxes[1]}; {'; '.join(found_out)})")
